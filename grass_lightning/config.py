@@ -1,0 +1,89 @@
+"""GRASS hyper-parameters, their recommended defaults, and their validation.
+
+The paper published no defaults; these are what we recommend and why:
+
+- ``num_active=2``: LISA's and the paper's choice for small models; the active set's weights,
+  gradients and moments are the whole trainable footprint, so memory grows with it.
+- ``sampling_period=50``: the paper's sensitivity study found 25-50 best and 5 too noisy; a
+  block needs a few dozen steps of Adam to make progress before it is swapped out.
+- ``probe_steps=10``: ten full backward passes rank the blocks well enough; each costs about a
+  full fine-tuning step and updates nothing.
+- ``refresh_interval=50``: equal to ``sampling_period``, so each refresh covers exactly the
+  blocks trained in the period that just ended.
+- ``temperature=0.5``: with ``"max"`` normalisation the least important block keeps at least
+  exp(-2) = 13.5% of the most important one's probability: importance steers, nothing starves.
+- ``ema=0.5``: a block comes back only every few periods; its newest window is as telling as
+  everything measured before.
+- ``train_embeddings=False``: input embeddings get sparse gradients, their Adam moments are
+  vocabulary-sized (70% of what LISA trains at 8B), and freezing them lets backward stop at
+  the lowest active block. Set True to match LISA and the paper.
+- ``train_head=True``: the final norm and LM/task head adapt the output to the task cheaply.
+- ``idle_moments="drop"``: bounded optimizer memory without offloading. ``"keep"`` keeps Adam
+  continuity but, on a plain strategy, memory grows toward full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from grass_lightning.active_set import IDLE_MOMENTS
+from grass_lightning.sampling import NORMALIZATIONS, SAMPLERS
+
+
+@dataclass(frozen=True)
+class GrassConfig:
+    """Validated GRASS hyper-parameters; every error names the argument and its value."""
+
+    num_active: int = 2
+    sampling_period: int = 50
+    probe_steps: int = 10
+    refresh_interval: int = 50
+    temperature: float = 0.5
+    ema: float = 0.5
+    sampler: str = "grass"
+    normalization: str = "max"
+    train_embeddings: bool = False
+    train_head: bool = True
+    idle_moments: str = "drop"
+
+    def __post_init__(self) -> None:
+        for name in ("num_active", "sampling_period", "refresh_interval"):
+            _require_int(name, getattr(self, name), minimum=1)
+        _require_int("probe_steps", self.probe_steps, minimum=0)
+        if not _is_number(self.temperature) or not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number > 0.")
+        if not _is_number(self.ema) or not 0 < self.ema <= 1:
+            raise ValueError(f"ema={self.ema!r} must lie in (0, 1]: the weight of the newest window.")
+        _require_choice("sampler", self.sampler, SAMPLERS)
+        _require_choice("normalization", self.normalization, NORMALIZATIONS)
+        _require_choice("idle_moments", self.idle_moments, IDLE_MOMENTS)
+        for name in ("train_embeddings", "train_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")
+        if self.sampler == "static" and self.probe_steps == 0:
+            raise ValueError(
+                "sampler='static' with probe_steps=0: the static sampler draws from the probe's "
+                "estimate for the whole run, so it needs probe_steps >= 1."
+            )
+
+    def check_blocks(self, num_blocks: int, path: str) -> None:
+        """Raise if the model has fewer blocks than ``num_active``."""
+        if self.num_active > num_blocks:
+            raise ValueError(
+                f"num_active={self.num_active} exceeds the {num_blocks} blocks found at {path!r}."
+            )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
+
+
+def _require_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.")
