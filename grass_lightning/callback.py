@@ -7,7 +7,7 @@ Example::
     trainer = Trainer(callbacks=[GrassCallback(num_active=2, sampling_period=50)])
     trainer.fit(model)  # model.configure_optimizers builds AdamW over all parameters
 
-Per optimizer step: ``on_before_backward`` tells a probing schedule the AMP loss scale;
+Per optimizer step: ``on_before_backward`` counts backward passes for a probing schedule;
 ``on_before_optimizer_step`` (gradients complete, accumulated and unscaled) measures
 importance; ``on_train_batch_end`` (after the optimizer step) refreshes importance, draws the
 next active set and logs. Works under automatic and manual optimization.
@@ -128,9 +128,9 @@ class GrassCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         layout = find_blocks(pl_module, self.blocks)
         seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
-        self.schedule = GrassSchedule(
-            layout, trainer.optimizers, self.config, seed, probe_by_hooks=trainer.world_size == 1
-        )
+        # Probe hooks see gradients before DDP all-reduces them and before AMP unscales them.
+        probe_by_hooks = trainer.world_size == 1 and _loss_scaler(trainer) is None
+        self.schedule = GrassSchedule(layout, trainer.optimizers, self.config, seed, probe_by_hooks)
         if self._saved_state is not None:
             self.schedule.load_state_dict(self._saved_state)
         self.schedule.start()
@@ -152,8 +152,8 @@ class GrassCallback(Callback):
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        if self.schedule is not None and self.schedule.probing:
-            self.schedule.before_backward(_loss_scale(trainer))
+        if self.schedule is not None:
+            self.schedule.before_backward()
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
@@ -191,7 +191,7 @@ class GrassCallback(Callback):
     def _log(self, pl_module: LightningModule) -> None:
         schedule = self.schedule
         importance = schedule.importance.estimate
-        metrics = {"grass/probing": float(schedule.probing), "grass/nonfinite": schedule.importance.nonfinite}
+        metrics = {"grass/probing": float(schedule.probing), "grass/nonfinite": schedule.importance.nonfinite.float()}
         for block in range(len(importance)):
             metrics[f"grass/importance/{block:02d}"] = importance[block].item()
             metrics[f"grass/probability/{block:02d}"] = schedule.probabilities[block].item()
@@ -202,6 +202,6 @@ class GrassCallback(Callback):
             pl_module.log_dict(bar, on_step=True, on_epoch=False, prog_bar=True, logger=False)
 
 
-def _loss_scale(trainer: Trainer) -> float:
+def _loss_scaler(trainer: Trainer):
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+    return scaler if scaler is not None and scaler.is_enabled() else None

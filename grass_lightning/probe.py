@@ -9,6 +9,9 @@ With gradient accumulation over n backward passes per step, each pass is read on
 r_l = sqrt(n * sum_i ||g_l,i||^2 / N_l). That is the RMS of one micro-batch's gradient at
 the scale of a full step's gradient (exact for n = 1, and in the noise-free limit; micro-batch
 noise raises it a little). Refreshes after probing always read the exact accumulated gradient.
+
+Not for loss-scaled (fp16 AMP) training: the gradients seen here are still scaled, and a
+GradScaler refuses a step in which no gradient is left; read finished gradients there instead.
 """
 
 from __future__ import annotations
@@ -23,32 +26,31 @@ class GradientProbe:
     """Streams per-block squared gradient norms out of backward and frees the gradients.
 
     Args:
-        blocks: parameters of each block, in block order.
+        blocks: parameters of each block, in block order; frozen ones are not read.
     """
 
     def __init__(self, blocks: Sequence[Sequence[nn.Parameter]]) -> None:
         self._numel = torch.tensor([sum(p.numel() for p in ps) for ps in blocks], dtype=torch.float64)
         self._sq: list[torch.Tensor | float] = [0.0] * len(blocks)
         self._passes = 0
-        self._scale = 1.0
         self._handles = [
             p.register_post_accumulate_grad_hook(self._reader(index))
             for index, params in enumerate(blocks)
             for p in params
+            if p.requires_grad
         ]
 
     def _reader(self, index: int):
         def read_and_free(param: nn.Parameter) -> None:
-            norm = torch.linalg.vector_norm(param.grad, dtype=torch.float32) / self._scale
+            norm = torch.linalg.vector_norm(param.grad, dtype=torch.float32)
             self._sq[index] = self._sq[index] + norm.square()
             param.grad = None
 
         return read_and_free
 
-    def begin_backward(self, loss_scale: float = 1.0) -> None:
-        """Announce one backward pass; ``loss_scale`` is the AMP scale its gradients carry."""
+    def begin_backward(self) -> None:
+        """Announce one backward pass of the current step."""
         self._passes += 1
-        self._scale = loss_scale
 
     def take(self) -> tuple[list[int], torch.Tensor]:
         """The blocks read since the last call and their r_l (on their device); then reset."""

@@ -41,7 +41,7 @@ class GrassSchedule:
         seed: seed of the block sampler.
         probe_by_hooks: read and free each gradient during backward while probing (low memory).
             False reads the finished gradients in `measure` instead, as needed when they are
-            all-reduced across processes after backward.
+            all-reduced across processes or loss-scaled (fp16 AMP) during backward.
     """
 
     def __init__(
@@ -82,10 +82,10 @@ class GrassSchedule:
                 self._draw()
             self.active_set.activate(self.active)
 
-    def before_backward(self, loss_scale: float = 1.0) -> None:
-        """Announce a backward pass whose gradients carry ``loss_scale`` (AMP)."""
+    def before_backward(self) -> None:
+        """Announce a backward pass (a probe rescales accumulated micro-batches by their count)."""
         if self._probe is not None:
-            self._probe.begin_backward(loss_scale)
+            self._probe.begin_backward()
 
     def measure(self) -> None:
         """Record r_l from this step's complete, unscaled gradients (before the optimizer step).

@@ -1,0 +1,224 @@
+"""GrassCallback inside users' own LightningModules, driven by a real Trainer."""
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.loggers import CSVLogger
+
+from conftest import HFModule, ScaledModule, hf_loss, quiet_trainer, regression_loader, token_loader
+from grass_lightning import GrassCallback
+
+
+class Spy(Callback):
+    """Records, per optimizer step, the active set, the parameters that changed and the exact RMS
+    of every block's gradient as the optimizer sees it. Place it after GrassCallback."""
+
+    def __init__(self, grass: GrassCallback) -> None:
+        self.grass = grass
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not hasattr(self, "_before"):
+            self._before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            self._active = (list(self.grass.schedule.active), self.grass.schedule.probing)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._rms = {}
+        for i, block in enumerate(self.grass.schedule.active_set.layout.blocks):
+            grads = [p.grad for p in block.parameters() if p.grad is not None]
+            if grads:
+                sq = sum(g.double().square().sum() for g in grads)
+                self._rms[i] = (sq / sum(p.numel() for p in block.parameters())).sqrt().item()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not hasattr(self, "_rms"):
+            return  # mid-accumulation
+        changed = {n for n, p in pl_module.named_parameters() if not torch.equal(p, self._before[n])}
+        active, probing = self._active
+        self.steps.append(dict(active=active, probing=probing, changed=changed, rms=self._rms,
+                               estimate=self.grass.schedule.importance.estimate.clone()))
+        del self._before, self._rms
+
+
+def _changed_blocks(names, path):
+    prefix = path + "."
+    return {int(n[len(prefix):].split(".")[0]) for n in names if n.startswith(prefix)}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bert", "gpt_neox"])
+def test_only_active_blocks_and_head_train_in_hugging_face_models(family):
+    grass = GrassCallback(num_active=2, sampling_period=3, refresh_interval=3, probe_steps=2, seed=0)
+    spy = Spy(grass)
+    quiet_trainer(max_steps=11, callbacks=[grass, spy]).fit(HFModule(family), token_loader())
+    path = "model." + {"llama": "model.layers", "gpt2": "transformer.h", "opt": "model.decoder.layers",
+                       "bert": "bert.encoder.layer", "gpt_neox": "gpt_neox.layers"}[family]
+    assert [s["probing"] for s in spy.steps] == [True, True] + [False] * 9
+    for step in spy.steps:
+        if step["probing"]:
+            assert step["changed"] == set()  # probing updates nothing
+        else:
+            assert _changed_blocks(step["changed"], path) == set(step["active"])
+            outside = {n for n in step["changed"] if not n.startswith(path + ".")}
+            assert outside and not any("embed" in n or ".wte." in n or ".wpe." in n for n in outside)
+    assert len(grass.state_dict()["history"]) == 4
+
+
+def test_plain_module_with_explicit_blocks_path():
+    grass = GrassCallback(num_active=1, sampling_period=2, refresh_interval=2, probe_steps=1,
+                          blocks="net.body.layers", sampler="uniform", seed=0)
+    spy = Spy(grass)
+    quiet_trainer(max_steps=30, callbacks=[grass, spy]).fit(ScaledModule(), regression_loader())
+    trained = set()
+    for step in spy.steps[1:]:
+        assert _changed_blocks(step["changed"], "net.body.layers") == set(step["active"])
+        trained |= set(step["active"])
+    assert trained == {0, 1, 2, 3}  # uniform visits every block
+
+
+def test_importance_is_the_norm_of_the_accumulated_gradient():
+    # refresh every step with ema=1: the estimate of each active block is that step's r_l
+    grass = GrassCallback(num_active=2, sampling_period=4, refresh_interval=1, ema=1.0, probe_steps=1, seed=0)
+    spy = Spy(grass)
+    quiet_trainer(max_steps=8, accumulate_grad_batches=3, callbacks=[grass, spy]).fit(
+        HFModule("llama"), token_loader()
+    )
+    assert len(spy.steps) == 8  # one record per optimizer step, not per micro-batch
+    for step in spy.steps[1:]:
+        assert sorted(step["rms"]) == step["active"]  # only active blocks have gradients
+        for block, rms in step["rms"].items():
+            assert step["estimate"][block].item() == pytest.approx(rms, rel=1e-5)
+
+
+def test_probe_with_accumulation_holds_no_gradients_and_updates_nothing():
+    grass = GrassCallback(num_active=1, probe_steps=3, seed=0)
+    spy = Spy(grass)
+    quiet_trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[grass, spy]).fit(
+        HFModule("llama"), token_loader()
+    )
+    assert all(s["probing"] and s["changed"] == set() and s["rms"] == {} for s in spy.steps)
+    assert not grass.state_dict()["importance"]["estimate"].isnan().any()
+
+
+class ManualModule(HFModule):
+    def __init__(self):
+        super().__init__("llama")
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = hf_loss(self.model, batch[0])
+        self.manual_backward(loss)
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+
+def test_manual_optimization():
+    grass = GrassCallback(num_active=1, sampling_period=2, refresh_interval=2, probe_steps=2, seed=0)
+    spy = Spy(grass)
+    quiet_trainer(max_steps=10, callbacks=[grass, spy]).fit(ManualModule(), token_loader())
+    assert [s["probing"] for s in spy.steps] == [True, True] + [False] * 8
+    for step in spy.steps:
+        blocks = _changed_blocks(step["changed"], "model.model.layers")
+        assert blocks == (set() if step["probing"] else set(step["active"]))
+    assert not grass.state_dict()["importance"]["estimate"].isnan().any()
+
+
+class FilteringModule(HFModule):
+    """Builds its optimizer over trainable parameters only, as many projects do."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def test_lisa_bug_cannot_happen_every_block_is_in_the_optimizer_and_trains():
+    grass = GrassCallback(num_active=1, sampling_period=1, probe_steps=0, sampler="uniform", seed=0)
+    spy = Spy(grass)
+    quiet_trainer(max_steps=20, callbacks=[grass, spy]).fit(FilteringModule(), token_loader())
+    trained = set().union(*(_changed_blocks(s["changed"], "model.model.layers") for s in spy.steps))
+    assert trained == {0, 1, 2, 3}
+
+
+def test_module_that_froze_blocks_before_building_the_optimizer_is_told_how_to_fix_it():
+    class EarlyFreeze(FilteringModule):
+        def configure_optimizers(self):
+            for p in self.model.model.layers[2:].parameters():
+                p.requires_grad_(False)
+            opt = super().configure_optimizers()
+            for p in self.model.model.layers[2:].parameters():
+                p.requires_grad_(True)
+            return opt
+
+    with pytest.raises(ValueError, match=r"model\.model\.layers\.2\..* is in no optimizer.*all parameters"):
+        quiet_trainer(max_steps=2, callbacks=[GrassCallback()]).fit(EarlyFreeze(), token_loader())
+
+
+def test_teardown_gives_back_the_users_requires_grad_flags():
+    module = HFModule("llama")
+    quiet_trainer(max_steps=3, callbacks=[GrassCallback(num_active=1, probe_steps=1)]).fit(module, token_loader())
+    assert all(p.requires_grad for p in module.parameters())
+
+
+def test_bf16_mixed_precision_gives_finite_importance():
+    grass = GrassCallback(num_active=1, sampling_period=2, refresh_interval=2, probe_steps=2, seed=0)
+    quiet_trainer(max_steps=6, precision="bf16-mixed", callbacks=[grass]).fit(HFModule("llama"), token_loader())
+    estimate = grass.state_dict()["importance"]["estimate"]
+    assert torch.isfinite(estimate).all() and (estimate > 0).all()
+
+
+def test_fp16_loss_scaling_is_never_read_as_gradient():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    grass = GrassCallback(num_active=2, sampling_period=2, refresh_interval=1, ema=1.0, probe_steps=2, seed=0)
+    spy = Spy(grass)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    quiet_trainer(max_steps=6, plugins=[plugin], callbacks=[grass, spy]).fit(HFModule("llama"), token_loader())
+    probe_estimate = spy.steps[1]["estimate"]
+    assert (probe_estimate < 0.1).all()  # unscaled: gradient RMS of a tiny model, not 4096 times it
+    for step in spy.steps[2:]:
+        for block, rms in step["rms"].items():
+            assert step["estimate"][block].item() == pytest.approx(rms, rel=1e-5)
+    assert all(s["changed"] == set() for s in spy.steps[:2])  # probing still updates nothing
+
+
+def test_importance_probabilities_and_active_set_are_logged(tmp_path):
+    grass = GrassCallback(num_active=2, sampling_period=2, refresh_interval=2, probe_steps=1, seed=0)
+    trainer = quiet_trainer(max_steps=4, callbacks=[grass], logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    trainer.fit(HFModule("llama"), token_loader())
+    header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for block in range(4):
+        for kind in ("importance", "probability", "active"):
+            assert f"grass/{kind}/{block:02d}" in header
+    assert "grass/nonfinite" in header
+    assert {"active_0", "active_1"} <= set(trainer.progress_bar_metrics)
+    shown = sorted(int(trainer.progress_bar_metrics[f"active_{i}"]) for i in range(2))
+    assert shown == grass.state_dict()["active"]
+
+
+def test_resume_from_a_mid_period_checkpoint_continues_exactly(tmp_path):
+    """12 steps in one go equal 4 steps + ModelCheckpoint + resume to 12 (a draw every 3 steps)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_steps, ckpt_path=None, checkpoints=False):
+        grass = GrassCallback(num_active=2, sampling_period=3, refresh_interval=2, probe_steps=2, seed=0)
+        callbacks = [grass]
+        if checkpoints:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1))
+        module = HFModule("llama")
+        trainer = quiet_trainer(max_steps=max_steps, max_epochs=-1, callbacks=callbacks,
+                                enable_checkpointing=checkpoints)
+        trainer.fit(module, token_loader(n_batches=4), ckpt_path=ckpt_path)
+        return module, trainer, grass
+
+    full, full_trainer, full_grass = run(12, checkpoints=True)
+    (ckpt,) = tmp_path.glob("*step=4.ckpt")
+    resumed, resumed_trainer, resumed_grass = run(12, ckpt_path=ckpt)
+    assert resumed_trainer.global_step == 12
+    a, b = full_grass.state_dict(), resumed_grass.state_dict()
+    assert a["history"] == b["history"] and len(a["history"]) == 4
+    assert torch.equal(a["importance"]["estimate"], b["importance"]["estimate"])
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    sa, sb = full_trainer.optimizers[0].state_dict()["state"], resumed_trainer.optimizers[0].state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k][n], sb[k][n]) for k in sa for n in sa[k])

@@ -1,0 +1,198 @@
+"""GrassSchedule driven by a plain PyTorch loop: phases, who changes, sampling, idle moments."""
+
+import copy
+import pytest
+import torch
+from torch import nn
+
+from conftest import ScaledBlocks, regression_batch
+from grass_lightning import GrassConfig, GrassSchedule, find_blocks
+
+
+def _run(model, schedule, optimizer, steps, seed=0, on_step=None):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = regression_batch(g)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        active, probing = list(schedule.active), schedule.probing
+        schedule.before_backward()
+        nn.functional.mse_loss(model(x), y).backward()
+        schedule.measure()
+        if on_step is not None:
+            on_step(schedule, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        schedule.end_step()
+        yield active, probing, changed
+
+
+def _make(seed=0, **config):
+    torch.manual_seed(0)
+    model = ScaledBlocks()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    defaults = dict(num_active=1, sampling_period=2, refresh_interval=2, probe_steps=3)
+    schedule = GrassSchedule(find_blocks(model, "body.layers"), [optimizer], GrassConfig(**{**defaults, **config}), seed)
+    schedule.start()
+    return model, optimizer, schedule
+
+
+def _blocks_of(names):
+    return {int(n.split(".")[2]) for n in names if n.startswith("body.layers.")}
+
+
+def test_probing_updates_nothing_then_only_active_blocks_and_the_head_change():
+    model, optimizer, schedule = _make(probe_steps=3)
+    steps = list(_run(model, schedule, optimizer, 20))
+    for active, probing, changed in steps[:3]:
+        assert probing and changed == set()
+    for active, probing, changed in steps[3:]:
+        assert not probing
+        assert _blocks_of(changed) == set(active)
+        assert {"out.weight", "out.bias"} <= changed  # train_head=True
+        assert not {"embed.weight", "embed.bias"} & changed  # train_embeddings=False
+
+
+def test_active_set_is_redrawn_every_sampling_period_after_the_probe():
+    model, optimizer, schedule = _make(probe_steps=3, sampling_period=4, refresh_interval=2)
+    list(_run(model, schedule, optimizer, 15))
+    assert [step for step, _ in schedule.history] == [3, 7, 11, 15]
+
+
+def test_probe_sets_the_estimate_of_every_block_and_refreshes_touch_only_active_ones():
+    model, optimizer, schedule = _make(probe_steps=2, sampling_period=5, refresh_interval=5)
+    estimates = []
+    for active, probing, _ in _run(model, schedule, optimizer, 7):
+        estimates.append((schedule.step, schedule.importance.estimate.clone()))
+    after_probe = dict(estimates)[2]
+    assert not after_probe.isnan().any()
+    after_refresh = dict(estimates)[7]
+    (active,) = schedule.history[0][1]
+    moved = (after_refresh != after_probe).nonzero().flatten().tolist()
+    assert moved == [active]
+
+
+def test_uniform_sampler_trains_every_block():
+    model, optimizer, schedule = _make(sampler="uniform", probe_steps=0, sampling_period=1)
+    trained = set()
+    for _, _, changed in _run(model, schedule, optimizer, 30):
+        trained |= _blocks_of(changed)
+    assert trained == {0, 1, 2, 3}
+
+
+def test_grass_chooses_blocks_with_larger_gradients_more_often():
+    # ScaledBlocks multiplies block outputs by (0.1, 0.2, 1.0, 3.0): gradients grow with the scale.
+    counts = {}
+    for sampler in ("grass", "uniform"):
+        model, optimizer, schedule = _make(sampler=sampler, probe_steps=3, sampling_period=1, refresh_interval=1)
+        list(_run(model, schedule, optimizer, 300))
+        counts[sampler] = torch.bincount(torch.tensor([a[0] for _, a in schedule.history]), minlength=4)
+    grass = counts["grass"]
+    assert grass[3] > grass[2] > max(grass[0], grass[1])
+    assert grass[3] > 1.5 * counts["uniform"][3]
+
+
+def test_static_sampler_never_refreshes_after_the_probe():
+    model, optimizer, schedule = _make(sampler="static", probe_steps=3, sampling_period=1, refresh_interval=1)
+    steps = _run(model, schedule, optimizer, 20)
+    for _ in range(4):
+        next(steps)
+    frozen = (schedule.importance.estimate.clone(), schedule.probabilities.clone())
+    list(steps)
+    assert torch.equal(schedule.importance.estimate, frozen[0]) and torch.equal(schedule.probabilities, frozen[1])
+
+
+def test_same_seed_same_run_other_seed_other_blocks():
+    histories = []
+    for seed in (0, 0, 1):
+        model, optimizer, schedule = _make(seed=seed, sampling_period=1, refresh_interval=1)
+        list(_run(model, schedule, optimizer, 25))
+        histories.append(schedule.history)
+    assert histories[0] == histories[1] and histories[0] != histories[2]
+
+
+def test_an_optimizer_built_after_freezing_is_refused():
+    model = ScaledBlocks()
+    for p in model.body.layers[1:].parameters():
+        p.requires_grad_(False)
+    for p in model.body.layers[2].parameters():
+        p.requires_grad_(True)  # the user unfroze block 2 again after building the optimizer
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad and p.dim() > 1])
+    with pytest.raises(ValueError, match=r"body\.layers\.0\.0\.bias is in no optimizer"):
+        GrassSchedule(find_blocks(model, "body.layers"), [optimizer], GrassConfig(), seed=0)
+
+
+def test_user_frozen_parameters_stay_frozen():
+    model = ScaledBlocks()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model.body.layers[0][0].bias.requires_grad_(False)
+    schedule = GrassSchedule(find_blocks(model, "body.layers"), [optimizer],
+                             GrassConfig(num_active=4, probe_steps=1), seed=0)
+    schedule.start()
+    list(_run(model, schedule, optimizer, 3))
+    assert not model.body.layers[0][0].bias.requires_grad
+    schedule.close()
+    assert not model.body.layers[0][0].bias.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "body.layers.0.0.bias")
+
+
+def _state_bytes(optimizer):
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+
+
+def test_drop_bounds_optimizer_state_by_the_active_set():
+    model, optimizer, schedule = _make(num_active=2, sampling_period=1, idle_moments="drop", probe_steps=1)
+    block_bytes = max(sum(p.numel() for p in b.parameters()) for b in model.body.layers) * 4 * 2  # fp32 m and v
+    head_bytes = sum(p.numel() for p in model.out.parameters()) * 4 * 2
+    peak = 0
+
+    def measure(schedule, optimizer):
+        nonlocal peak
+        peak = max(peak, _state_bytes(optimizer))
+
+    list(_run(model, schedule, optimizer, 40, on_step=measure))
+    assert len({b for _, a in schedule.history for b in a}) == 4  # every block came and went
+    assert 0 < peak <= 2 * block_bytes + head_bytes
+    assert _state_bytes(optimizer) <= 2 * block_bytes + head_bytes
+
+
+def test_keep_resumes_a_returning_block_from_its_previous_moments():
+    model, optimizer, schedule = _make(num_active=1, sampling_period=1, idle_moments="keep", probe_steps=1)
+    params = {i: list(b.parameters()) for i, b in enumerate(model.body.layers)}
+    keys = ("step", "exp_avg", "exp_avg_sq")
+    parked, returns = {}, 0
+
+    def check(schedule, optimizer):
+        nonlocal returns
+        if schedule.probing:
+            return
+        (active,) = schedule.active
+        if active in parked:  # a returning block: its moments are those it left with
+            for p, saved in zip(params[active], parked.pop(active)):
+                assert all(torch.equal(optimizer.state[p][k], v) for k, v in zip(keys, saved))
+            returns += 1
+        for b in range(4):  # snapshot every idle block that has moments
+            if b != active and params[b][0] in optimizer.state:
+                parked.setdefault(b, [tuple(optimizer.state[p][k].clone() for k in keys) for p in params[b]])
+
+    list(_run(model, schedule, optimizer, 40, on_step=check))
+    assert returns > 5
+    total = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.embed.parameters())
+    assert _state_bytes(optimizer) == total * 4 * 2  # every block's moments kept
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    model, optimizer, schedule = _make(sampling_period=3, refresh_interval=2, probe_steps=4)
+    list(_run(model, schedule, optimizer, 2))  # stop mid-probe
+    saved = copy.deepcopy((schedule.state_dict(), model.state_dict(), optimizer.state_dict()))
+    list(_run(model, schedule, optimizer, 12, seed=5))
+
+    model2, optimizer2, schedule2 = _make(seed=99, sampling_period=3, refresh_interval=2, probe_steps=4)
+    model2.load_state_dict(saved[1])
+    optimizer2.load_state_dict(saved[2])
+    schedule2.load_state_dict(saved[0])
+    schedule2.start()
+    list(_run(model2, schedule2, optimizer2, 12, seed=5))
+    assert schedule2.history == schedule.history and len(schedule.history) == 4
+    assert torch.equal(schedule2.importance.estimate, schedule.importance.estimate)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))

@@ -1,0 +1,92 @@
+"""Bad arguments fail early with a message that names the argument and its value."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from conftest import HFModule, quiet_trainer, token_loader
+from grass_lightning import GrassCallback
+
+BAD_ARGUMENTS = [
+    (dict(num_active=0), "num_active=0 must be an integer >= 1"),
+    (dict(num_active=1.5), "num_active=1.5 must be an integer"),
+    (dict(num_active=True), "num_active=True must be an integer"),
+    (dict(sampling_period=0), "sampling_period=0 must be an integer >= 1"),
+    (dict(sampling_period=-5), "sampling_period=-5"),
+    (dict(refresh_interval=0), "refresh_interval=0 must be an integer >= 1"),
+    (dict(probe_steps=-1), "probe_steps=-1 must be an integer >= 0"),
+    (dict(temperature=0), "temperature=0 must be a finite number > 0"),
+    (dict(temperature=-1.0), "temperature=-1.0"),
+    (dict(temperature=float("inf")), "temperature=inf"),
+    (dict(temperature="hot"), "temperature='hot'"),
+    (dict(ema=0.0), r"ema=0.0 must lie in \(0, 1\]"),
+    (dict(ema=1.5), r"ema=1.5 must lie in \(0, 1\]"),
+    (dict(sampler="lisa"), "sampler='lisa' is not one of 'grass', 'uniform', 'static'"),
+    (dict(normalization="rank"), "normalization='rank' is not one of 'max', 'zscore'"),
+    (dict(idle_moments="offload"), "idle_moments='offload' is not one of 'drop', 'keep'"),
+    (dict(train_embeddings="no"), "train_embeddings='no' must be True or False"),
+    (dict(train_head=None), "train_head=None must be True or False"),
+    (dict(blocks=""), "blocks='' must be a dotted module path"),
+    (dict(blocks=3), "blocks=3 must be a dotted module path"),
+    (dict(seed="0"), "seed='0' must be an integer or None"),
+    (dict(sampler="static", probe_steps=0), "sampler='static' with probe_steps=0"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_ARGUMENTS, ids=[str(k) for k, _ in BAD_ARGUMENTS])
+def test_bad_argument_is_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GrassCallback(**kwargs)
+
+
+def test_more_active_blocks_than_the_model_has():
+    with pytest.raises(ValueError, match=r"num_active=5 exceeds the 4 blocks found at 'model.model.layers'"):
+        quiet_trainer(max_steps=1, callbacks=[GrassCallback(num_active=5)]).fit(HFModule(), token_loader())
+
+
+def test_blocks_path_that_does_not_resolve_fails_at_fit_start():
+    with pytest.raises(ValueError, match=r"blocks='model.layers' does not resolve: model has no submodule 'layers'"):
+        quiet_trainer(max_steps=1, callbacks=[GrassCallback(blocks="model.layers")]).fit(HFModule(), token_loader())
+
+
+def test_model_without_blocks_asks_for_a_path():
+    class NoBlocks(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(3, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters())
+
+    with pytest.raises(ValueError, match="No transformer blocks found in NoBlocks"):
+        quiet_trainer(max_steps=1, callbacks=[GrassCallback()]).fit(NoBlocks(), [torch.zeros(3)])
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)],
+    ids=["fsdp", "deepspeed"],
+)
+def test_sharding_strategies_are_refused_in_setup_with_an_alternative(strategy):
+    with pytest.raises(MisconfigurationException, match="does not support .*Strategy.*ddp_find_unused_parameters_true"):
+        GrassCallback().setup(SimpleNamespace(strategy=strategy), None, "fit")
+
+
+def test_ddp_needs_find_unused_parameters():
+    with pytest.raises(MisconfigurationException, match="find_unused_parameters=True"):
+        GrassCallback().setup(SimpleNamespace(strategy=DDPStrategy()), None, "fit")
+    GrassCallback().setup(SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True)), None, "fit")
+    GrassCallback().setup(SimpleNamespace(strategy=SingleDeviceStrategy("cpu")), None, "fit")
+
+
+def test_keep_warns_that_memory_grows_on_a_plain_strategy():
+    with pytest.warns(UserWarning, match="grows toward full fine-tuning"):
+        quiet_trainer(max_steps=1, callbacks=[GrassCallback(idle_moments="keep")]).fit(HFModule(), token_loader())
