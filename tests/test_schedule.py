@@ -17,9 +17,9 @@ def _run(model, schedule, optimizer, steps, seed=0, on_step=None):
         active, probing = list(schedule.active), schedule.probing
         schedule.before_backward()
         nn.functional.mse_loss(model(x), y).backward()
-        schedule.measure()
         if on_step is not None:
             on_step(schedule, optimizer)
+        schedule.measure()
         optimizer.step()
         optimizer.zero_grad()
         changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -196,3 +196,21 @@ def test_state_dict_round_trip_resumes_exactly():
     assert schedule2.history == schedule.history and len(schedule.history) == 4
     assert torch.equal(schedule2.importance.estimate, schedule.importance.estimate)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_a_step_with_nonfinite_gradients_is_skipped_and_counted():
+    model, optimizer, schedule = _make(num_active=4, sampling_period=1, refresh_interval=1, probe_steps=2)
+    list(_run(model, schedule, optimizer, 5))
+    before = schedule.importance.estimate.clone()
+
+    def poison(schedule, optimizer):
+        for p in model.body.layers[1].parameters():
+            p.grad.fill_(float("nan"))
+        model.body.layers[2][0].weight.grad[0, 0] = float("inf")
+
+    list(_run(model, schedule, optimizer, 1, on_step=poison))
+    assert int(schedule.importance.nonfinite) == 2
+    after = schedule.importance.estimate
+    assert torch.isfinite(after).all() and torch.isfinite(schedule.probabilities).all()
+    assert after[1] == before[1] and after[2] == before[2]  # poisoned blocks keep their estimate
+    assert after[0] != before[0] and after[3] != before[3]
