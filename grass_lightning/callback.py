@@ -27,6 +27,7 @@ from grass_lightning.config import GrassConfig
 from grass_lightning.schedule import GrassSchedule
 
 _SHARDING = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
+ACTIVE_SLOT = "active_"  # progress-bar keys active_0, active_1, ...: one per active block
 
 
 class GrassCallback(Callback):
@@ -198,7 +199,7 @@ class GrassCallback(Callback):
             metrics[f"grass/active/{block:02d}"] = float(block in schedule.active and not schedule.probing)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         if not schedule.probing:
-            bar = {f"active_{slot}": float(block) for slot, block in enumerate(schedule.active)}
+            bar = {f"{ACTIVE_SLOT}{slot}": float(block) for slot, block in enumerate(schedule.active)}
             pl_module.log_dict(bar, on_step=True, on_epoch=False, prog_bar=True, logger=False)
 
 

