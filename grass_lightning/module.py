@@ -18,6 +18,7 @@ One optimizer step::
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 from lightning.pytorch import LightningModule
@@ -27,38 +28,55 @@ from typing_extensions import override
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its schedule, validated before any model is loaded (errors name ``optim.<key>``).
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay of matrices (biases and norms get none).
+        warmup_steps: optimizer steps of linear warm-up.
+        lr_schedule: ``"cosine"``, ``"linear"`` (decay to 0 at ``max_steps``) or ``"constant"``.
+        accumulate_grad_batches: micro-batches per optimizer step.
+        gradient_clip_val: clip the global gradient norm to this (None or 0: no clipping).
+        betas: AdamW betas.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"optim.lr={self.lr!r} must be a number > 0.")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay={self.weight_decay!r} must be a number >= 0.")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0.")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"optim.lr_schedule={self.lr_schedule!r} is not one of {SCHEDULES}.")
+        if not isinstance(self.accumulate_grad_batches, int) or self.accumulate_grad_batches < 1:
+            raise ValueError(f"optim.accumulate_grad_batches={self.accumulate_grad_batches!r} must be an integer >= 1.")
+        if self.gradient_clip_val is not None and not self.gradient_clip_val >= 0:
+            raise ValueError(f"optim.gradient_clip_val={self.gradient_clip_val!r} must be >= 0 or null.")
+
+
 class GrassModule(LightningModule):
     """Fine-tunes ``model`` on ``task`` with AdamW, accumulation, clipping and an LR schedule.
 
     Args:
         model: a Hugging Face model (put in train mode here: transformers 5 loads in eval mode).
         task: a task from :mod:`grass_lightning.tasks`.
-        lr: peak learning rate.
-        weight_decay: AdamW weight decay of matrices (biases and norms get none).
-        warmup_steps: optimizer steps of linear warm-up.
-        lr_schedule: ``"cosine"``, ``"linear"`` (decay to 0 at ``max_steps``) or ``"constant"``.
-        accumulate_grad_batches: micro-batches per optimizer step.
-        gradient_clip_val: clip the global gradient norm to this (None: no clipping).
+        optim: optimizer settings.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        task,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        lr_schedule: str = "cosine",
-        accumulate_grad_batches: int = 1,
-        gradient_clip_val: float | None = 1.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-    ) -> None:
+    def __init__(self, model: nn.Module, task, optim: OptimConfig = OptimConfig()) -> None:
         super().__init__()
-        if lr_schedule not in SCHEDULES:
-            raise ValueError(f"optim.lr_schedule={lr_schedule!r} is not one of {SCHEDULES}.")
-        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
-            raise ValueError(f"optim.accumulate_grad_batches={accumulate_grad_batches!r} must be an integer >= 1.")
-        self.save_hyperparameters(ignore=["model", "task"])
+        self.save_hyperparameters({**asdict(optim), "betas": list(optim.betas)})
         self.automatic_optimization = False
         self.model = model.train()
         self.task = task

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from grass_lightning.datamodule import SplitsDataModule
 from grass_lightning.methods import build_method
 from grass_lightning.models import ModelSpec, load_model, resolve_model_path
-from grass_lightning.module import GrassModule
+from grass_lightning.module import GrassModule, OptimConfig
 from grass_lightning.sources import BUILTIN, carve, read_jsonl
 from grass_lightning.stats import RunStats, peak_memory_mb
 from grass_lightning.tasks import task_class
@@ -46,6 +46,7 @@ def train(cfg: DictConfig) -> float:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_trainer(cfg.trainer)
+    optim = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
     method = build_method(OmegaConf.to_container(cfg.method, resolve=True), seed=cfg.seed)
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -60,7 +61,7 @@ def train(cfg: DictConfig) -> float:
     model, tokenizer = load_model(spec, model_path, num_labels=len(records[0].choices) if spec.kind == "classification" else None)
     task = task_type(tokenizer, data["max_length"], records, max_new_tokens=data["max_new_tokens"])
     model = method.prepare(model, spec.kind)
-    module = GrassModule(model, task, **OmegaConf.to_container(cfg.optim, resolve=True))
+    module = GrassModule(model, task, optim)
     datamodule = SplitsDataModule(splits, task, data["batch_size"], data["eval_batch_size"], seed=cfg.seed)
     stats = RunStats()
     callbacks = [*method.callbacks, *(instantiate(c) for c in cfg.callbacks.values()), stats]

@@ -1,0 +1,145 @@
+"""The Hydra app end to end on tiny models: every method and task, metrics.json, resume, bad overrides."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+
+import grass_lightning.run as run
+from grass_lightning.blocks import find_blocks
+from grass_lightning.models import ModelSpec, load_model
+from omegaconf import OmegaConf
+from app import CONF, choice_rows, classification_rows, compose_run, prompt_rows, write_jsonl
+
+REQUIRED = {"score", "score_name", "method", "model", "data", "steps", "step_time_s", "peak_memory_mb",
+            "trainable_params_max"}
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    return {
+        "classification": write_jsonl(tmp_path / "cls.jsonl", classification_rows()),
+        "choice": write_jsonl(tmp_path / "mc.jsonl", choice_rows()),
+        "prompt": write_jsonl(tmp_path / "pr.jsonl", prompt_rows()),
+    }
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "lisa", "grass"])
+@pytest.mark.parametrize(("model", "data"), [("tiny_bert", "classification"), ("tiny_llama", "choice"),
+                                             ("tiny_llama", "prompt")])
+def test_each_method_and_task_runs_and_writes_metrics(tmp_path, data_files, method, model, data):
+    out = tmp_path / "run"
+    extra = {"grass": ["method.probe_steps=1"], "lora": ["method.r=2"]}.get(method, [])
+    cfg = compose_run(out, f"model={model}", "data=jsonl", f"data.path={data_files[data]}", f"method={method}",
+                      "data.max_new_tokens=4", *extra)
+    score = run.train(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert REQUIRED <= set(metrics)
+    assert metrics["score"] == score and 0.0 <= score <= 1.0
+    assert metrics["method"] == method and metrics["steps"] == 4
+    assert metrics["score_name"] == ("exact_match" if data == "prompt" else "accuracy")
+    assert metrics["step_time_s"] > 0 and metrics["peak_memory_mb"] > 0
+    total = metrics["total_params"]
+    if method == "full":
+        assert metrics["trainable_params_max"] == total
+    elif method == "lora":
+        assert 0 < metrics["trainable_params_max"] < total / 5  # rank-2 adapters of a tiny model
+    else:  # two blocks and the head (embeddings frozen by default)
+        model, _ = load_model(ModelSpec(**OmegaConf.to_container(cfg.model)), None, num_labels=2)
+        layout = find_blocks(model)
+        expected = 2 * sum(p.numel() for p in layout.block_params(0)) + sum(
+            p.numel() for p in layout.always_trained(train_embeddings=False, train_head=True))
+        assert metrics["trainable_params_max"] == expected
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_grass_logs_importance_and_active_set_to_csv(tmp_path, data_files):
+    cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
+                      "method.probe_steps=1", "method.sampling_period=2", "method.refresh_interval=2")
+    run.train(cfg)
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    header = rows[0].keys()
+    assert {f"grass/importance/{b:02d}" for b in range(4)} <= header
+    active = [[b for b in range(4) if r.get(f"grass/active/{b:02d}") == "1.0"] for r in rows]
+    assert sum(len(a) == 2 for a in active) >= 3  # two active blocks per training step after the probe
+
+
+def _active_by_step(path):
+    out = {}
+    for r in csv.DictReader(path.open()):
+        if r.get("grass/active/00"):
+            out[int(r["step"])] = tuple(b for b in range(4) if r[f"grass/active/{b:02d}"] == "1.0")
+    return out
+
+
+def test_resume_from_a_mid_run_checkpoint_continues_at_the_right_step_with_the_same_active_set(tmp_path, data_files):
+    common = ["model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", "trainer.max_steps=8",
+              "method.probe_steps=1", "method.sampling_period=5", "method.refresh_interval=5",
+              "callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.save_top_k=-1"]
+    first = tmp_path / "first"
+    run.train(compose_run(first, *common))
+    checkpoint = first / "checkpoints" / "step3.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["global_step"] == 3
+    resumed = tmp_path / "resumed"
+    run.train(compose_run(resumed, *common, f"ckpt_path={checkpoint}"))
+    assert json.loads((resumed / "metrics.json").read_text())["steps"] == 8
+    before, after = _active_by_step(first / "csv" / "metrics.csv"), _active_by_step(resumed / "csv" / "metrics.csv")
+    assert min(after) == 3  # the resumed run's first logged step is the checkpoint's
+    grass_state = next(v for k, v in saved["callbacks"].items() if k.startswith("GrassCallback"))
+    assert after[3] == before[3] == tuple(grass_state["active"])  # mid-period: the same active set
+    assert after[4] == before[4]  # the period drawn at step 1 runs to step 5 in both runs
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        (["method=foo"], MissingConfigException, "method/foo"),
+        (["method.num_active=0"], ValueError, r"method\.num_active=0 must be an integer >= 1"),
+        (["method.temperature=-1"], ValueError, r"method\.temperature=-1"),
+        (["method.sampler=random"], ValueError, r"method\.sampler='random'"),
+        (["+method.bogus=1"], ValueError, r"method\.bogus=1 is not a setting"),
+        (["method.offload=park"], ValueError, r"method\.offload='park'"),
+        (["method=lora", "method.r=0"], ValueError, r"method\.r=0"),
+        (["data=jsonl", "data.path=/no/such/file.jsonl"], FileNotFoundError, r"data\.path='/no/such/file\.jsonl'"),
+        (["data.test_size=900"], ValueError, r"test_size=900 .* leave the train split empty"),
+        (["data.val_size=-1"], ValueError, r"data\.val_size=-1"),
+        (["model=pretrained", "model.path=/no/such/model"], FileNotFoundError, r"model\.path='/no/such/model'"),
+        (["model.kind=seq2seq"], ValueError, r"model\.kind='seq2seq'"),
+        (["data=piqa"], ValueError, "needs one fixed label set"),
+        (["trainer.max_steps=-1"], ValueError, r"trainer\.max_steps=-1"),
+        (["+trainer.accumulate_grad_batches=4"], ValueError, r"set optim\.accumulate_grad_batches"),
+        (["optim.lr_schedule=step"], ValueError, r"optim\.lr_schedule='step'"),
+        (["ckpt_path=/no/such.ckpt"], FileNotFoundError, r"ckpt_path='/no/such\.ckpt'"),
+    ],
+)
+def test_bad_overrides_fail_before_any_model_is_loaded(tmp_path, monkeypatch, overrides, error, message):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the configuration was checked")
+
+    monkeypatch.setattr(run, "load_model", refuse)
+    with pytest.raises(error, match=message):
+        run.train(compose_run(tmp_path, *overrides))
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_two_by_two_multirun_writes_two_metrics_per_method(tmp_path):
+    data = write_jsonl(tmp_path / "cls.jsonl", classification_rows())
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "train.py", "-m", "method=full,grass", "seed=0,1", "model=tiny_bert", "data=jsonl",
+               f"data.path={data}", "trainer.max_steps=3",
+               "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "data.val_size=4", "data.test_size=6",
+               f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(command, cwd=CONF.parent, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
+    assert sorted((r["method"], r["seed"]) for r in runs) == [("full", 0), ("full", 1), ("grass", 0), ("grass", 1)]
+    assert all(REQUIRED <= set(r) for r in runs)
+    gathered = subprocess.run([sys.executable, "-m", "grass_lightning.gather", str(sweep)], cwd=CONF.parent,
+                              capture_output=True, text=True, timeout=60)
+    assert gathered.returncode == 0, gathered.stderr
+    assert "| tiny-bert | jsonl | full | 2 |" in gathered.stdout and "| tiny-bert | jsonl | grass | 2 |" in gathered.stdout

@@ -1,0 +1,86 @@
+"""Reading the shipped evaluation sets and users' JSONL files; carving splits."""
+
+import json
+
+import pytest
+
+from app import write_jsonl
+from grass_lightning.sources import BUILTIN, Choice, Generation, carve, read_jsonl
+
+SIZES = {"sst2": 872, "boolq": 3270, "piqa": 1838, "siqa": 1954, "hellaswag": 10042, "winogrande": 1267,
+         "arc_easy": 570, "arc_challenge": 299, "openbookqa": 500, "gsm8k": 1319}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_builtin_sets_read_into_valid_records(name):
+    records = BUILTIN[name]()
+    assert len(records) == SIZES[name]
+    for r in records:
+        if isinstance(r, Choice):
+            assert len(r.choices) >= 2 and 0 <= r.label < len(r.choices) and r.prompt
+        else:
+            assert r.prompt and r.response and r.answer
+    if name == "gsm8k":
+        assert records[0].answer == "18" and records[0].response.endswith("The answer is 18")
+        assert "<<" not in records[0].response
+    if name == "arc_easy":  # lettered and numbered answer keys both map to the right index
+        assert {len(r.choices) for r in records} >= {4}
+
+
+def test_labels_are_balanced_enough_to_be_real():
+    for name in ("sst2", "piqa", "winogrande"):
+        labels = [r.label for r in BUILTIN[name]()]
+        assert 0.4 < sum(labels) / len(labels) < 0.6
+
+
+def test_carve_is_disjoint_fixed_by_seed_and_sized():
+    records = BUILTIN["sst2"]()
+    a = carve(records, 100, 200, seed=0, name="sst2")
+    assert (len(a.train), len(a.val), len(a.test)) == (572, 100, 200)
+    ids = lambda split: {id(r) for r in split}  # noqa: E731
+    assert not ids(a.train) & ids(a.test) and not ids(a.val) & ids(a.test) and not ids(a.train) & ids(a.val)
+    assert carve(records, 100, 200, seed=0, name="sst2").test == a.test
+    assert carve(records, 100, 200, seed=1, name="sst2").test != a.test
+    fractions = carve(records, 0.1, 0.25, seed=0, name="sst2")
+    assert (len(fractions.val), len(fractions.test)) == (87, 218)
+
+
+def test_empty_split_is_refused_with_the_sizes():
+    records = [Choice("q", ("a", "b"), 0)] * 10
+    with pytest.raises(ValueError, match=r"data 'mine' has 10 examples: test_size=5 and val_size=5 leave the train split"):
+        carve(records, 5, 5, seed=0, name="mine")
+    with pytest.raises(ValueError, match=r"data\.test_size=1\.5"):
+        carve(records, 1, 1.5, seed=0, name="mine")
+
+
+def test_three_jsonl_shapes(tmp_path):
+    cls = read_jsonl(write_jsonl(tmp_path / "c.jsonl", [{"text": "x", "label": "pos"}, {"text": "y", "label": "neg"}]))
+    assert cls == [Choice("x", ("neg", "pos"), 1), Choice("y", ("neg", "pos"), 0)]
+    fixed = read_jsonl(tmp_path / "c.jsonl", labels=["pos", "neg"])
+    assert fixed[0] == Choice("x", ("pos", "neg"), 0)
+    mc = read_jsonl(write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "choices": ["a", "b", "c"], "label": 2}]))
+    assert mc == [Choice("q", ("a", "b", "c"), 2)]
+    pr = read_jsonl(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2=", "response": "4"}]))
+    assert pr == [Generation("2+2=", "4", "4")]
+
+
+def test_jsonl_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data\.path='.*missing\.jsonl': no such file"):
+        read_jsonl(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "a", "label": 0}) + "\n\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not valid JSON"):
+        read_jsonl(bad)
+    outside = write_jsonl(tmp_path / "o.jsonl", [{"question": "q", "choices": ["a", "b"], "label": 0},
+                                                 {"question": "q", "choices": ["a", "b"], "label": 2}])
+    with pytest.raises(ValueError, match=r"o\.jsonl:2: label 2 is outside the 2 choices"):
+        read_jsonl(outside)
+    unknown = write_jsonl(tmp_path / "u.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "meh"}])
+    with pytest.raises(ValueError, match=r"u\.jsonl:2: label 'meh' is not one of the labels \['pos', 'neg'\]"):
+        read_jsonl(unknown, labels=["pos", "neg"])
+    mixed = write_jsonl(tmp_path / "x.jsonl", [{"text": "a", "label": 1}, {"prompt": "p", "response": "r"}])
+    with pytest.raises(ValueError, match=r"x\.jsonl:2: a prompt_response line in a classification file"):
+        read_jsonl(mixed)
+    shapeless = write_jsonl(tmp_path / "s.jsonl", [{"sentence": "a"}])
+    with pytest.raises(ValueError, match=r"s\.jsonl:1: expected the keys of one of"):
+        read_jsonl(shapeless)

@@ -1,0 +1,78 @@
+"""Tokenisation, losses and held-out scoring of the three tasks on tiny random models."""
+
+import pytest
+import torch
+
+from grass_lightning.models import ModelSpec, byte_tokenizer, load_model
+from grass_lightning.sources import Choice, Generation
+from grass_lightning.tasks import IGNORE, AnswerGeneration, ChoiceScoring, Classification, _final_number, task_class
+
+LLAMA = ModelSpec("t", "causal_lm", "random", config=dict(model_type="llama", hidden_size=32, intermediate_size=64,
+                                                          num_hidden_layers=2, num_attention_heads=4))
+
+
+def test_task_follows_model_kind_and_record_kind():
+    choice, gen = [Choice("q", ("a", "b"), 0)], [Generation("p", "r", "r")]
+    assert task_class("causal_lm", choice) is ChoiceScoring
+    assert task_class("classification", choice) is Classification
+    assert task_class("causal_lm", gen) is AnswerGeneration
+    with pytest.raises(ValueError, match="needs a causal LM"):
+        task_class("classification", gen)
+    with pytest.raises(ValueError, match="one fixed label set"):
+        task_class("classification", [Choice("q", ("a", "b"), 0), Choice("q", ("c", "d"), 1)])
+
+
+def test_sft_loss_covers_the_continuation_only():
+    task = ChoiceScoring(byte_tokenizer(), 64, [Choice("Q", ("yes", "no"), 1)])
+    batch = task.collate([Choice("Q: ab", ("yes", "no"), 1), Choice("Q", ("yes", "no"), 0)])
+    tok = byte_tokenizer()
+    labels = batch["labels"][0].tolist()
+    scored = [t for t in labels if t != IGNORE]
+    assert scored == tok(" no", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert labels[: len(tok("Q: ab")["input_ids"])] == [IGNORE] * len(tok("Q: ab")["input_ids"])
+    assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()  # padded row
+
+
+def test_long_prompts_are_cut_from_the_left_and_keep_the_answer():
+    task = ChoiceScoring(byte_tokenizer(), 16, [Choice("Q", ("yes", "no"), 0)])
+    ids, labels = task._encode("x" * 100 + "END", "yes", eos=True)
+    scored = sum(t != IGNORE for t in labels)  # " yes" (4 bytes) and <eos>
+    assert len(ids) == 16 and scored == 5 and byte_tokenizer().decode(ids[: 16 - scored]).endswith("END")
+
+
+def test_choice_scoring_picks_the_highest_likelihood_choice_as_one_sequence_at_a_time_would():
+    torch.manual_seed(0)
+    model, tok = load_model(LLAMA, None)
+    model.eval()
+    records = [Choice("Color of the sky:", ("blue", "green", "a long red answer"), 0),
+               Choice("Two:", ("2", "two"), 1)]
+    task = ChoiceScoring(tok, 64, records)
+    metric = task.metric()
+    task.update(metric, model, task.collate_eval(records))
+    expected = []
+    for r in records:  # unpadded, one choice at a time
+        scores = []
+        for choice in r.choices:
+            head = tok(r.prompt)["input_ids"]
+            tail = tok(" " + choice, add_special_tokens=False)["input_ids"]
+            logits = model(input_ids=torch.tensor([head + tail])).logits[0].log_softmax(-1)
+            scores.append(sum(logits[len(head) - 1 + i, t].item() for i, t in enumerate(tail)))
+        expected.append(int(torch.tensor(scores).argmax()) == r.label)
+    assert metric.compute().item() == pytest.approx(sum(expected) / len(expected))
+
+
+def test_final_number_and_exact_match():
+    assert _final_number("so 3 + 4 = 7. The answer is 1,234.") == "1234"
+    assert _final_number("no digits") is None
+    numeric = AnswerGeneration(byte_tokenizer(), 32, [Generation("p", "r", "18")], max_new_tokens=4)
+    assert numeric._matches("She makes $18 a day. The answer is 18", "18")
+    assert not numeric._matches("The answer is 180", "18")
+    text = AnswerGeneration(byte_tokenizer(), 32, [Generation("p", "Paris", "Paris")], max_new_tokens=4)
+    assert text._matches("  paris ", "Paris") and not text._matches("Lyon", "Paris")
+
+
+def test_generation_collates_left_padded_prompts():
+    task = AnswerGeneration(byte_tokenizer(), 32, [Generation("p", "r", "1")], max_new_tokens=4)
+    batch = task.collate_eval([Generation("long prompt", "r", "1"), Generation("p", "r", "2")])
+    assert batch["attention_mask"][1].tolist()[0] == 0 and batch["attention_mask"][1].tolist()[-1] == 1
+    assert batch["answers"] == ["1", "2"]
