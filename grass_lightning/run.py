@@ -12,20 +12,27 @@ import gc
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from grass_lightning.datamodule import SplitsDataModule
+from grass_lightning.heatmap import draw as draw_heatmap
 from grass_lightning.methods import build_method
 from grass_lightning.models import ModelSpec, load_model, resolve_model_path
 from grass_lightning.module import GrassModule, OptimConfig
 from grass_lightning.sources import BUILTIN, carve, read_jsonl
 from grass_lightning.stats import RunStats, peak_memory_mb
 from grass_lightning.tasks import task_class
+
+# Lightning warns that checkpoints of manually optimized modules hold the state *after* the
+# step; that is what resuming at `global_step` needs.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def load_records(data: dict) -> list:
@@ -89,13 +96,17 @@ def train(cfg: DictConfig) -> float:
         "train_examples": len(splits.train),
         "test_examples": len(splits.test),
         "wall_time_s": time.perf_counter() - started,
-        "checkpoint": str(out_dir / "checkpoints" / "last.ckpt"),
+        "checkpoint": trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None,
     }
-    _write_json(out_dir / "metrics.json", metrics)
     if trainer.is_global_zero:
+        _write_json(out_dir / "metrics.json", metrics)
         print(f"\n{data['source']} test {task.score_name} ({len(splits.test)} examples): "
               f"before {before:.4f} -> after {after:.4f}  [{method.name}, {spec.name}, {trainer.global_step} steps]")
         print(f"metrics: {out_dir / 'metrics.json'}")
+        if method.callbacks and isinstance(trainer.logger, CSVLogger):
+            heatmap = draw_heatmap(Path(trainer.logger.log_dir) / "metrics.csv", out_dir / "importance.png")
+            if heatmap is not None:
+                print(f"importance heat-map: {heatmap}")
     del trainer, module, model, datamodule
     gc.collect()
     if torch.cuda.is_available():

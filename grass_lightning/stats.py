@@ -5,11 +5,15 @@ probe (which measures every block and updates nothing) counts as training none.
 
 Peak memory is CUDA's peak allocated on a GPU and the process's peak resident set (VmHWM) on
 CPU. Both are reset when training starts, so each member of a Hydra multirun (one process)
-reports its own peak.
+reports its own peak. On CPU that peak still includes what the process holds before training
+(interpreter, libraries, data, the model), and a multirun's later jobs start from what earlier
+ones left mapped; compare methods in separate processes for exact figures.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
 import statistics
 import time
@@ -65,15 +69,28 @@ class RunStats(Callback):
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak; on CPU first hand memory freed by earlier jobs back to the OS."""
+    gc.collect()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        _malloc_trim()
         clear_refs = Path("/proc/self/clear_refs")
         if clear_refs.exists():
             try:
                 clear_refs.write_text("5")  # Linux: reset VmHWM to the current RSS
             except OSError:
                 pass
+
+
+def _malloc_trim() -> None:
+    # glibc keeps freed heap memory mapped; without trimming, a sequential multirun's earlier
+    # jobs would inflate every later job's resident set.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_memory_mb(device: torch.device) -> float:

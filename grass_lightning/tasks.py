@@ -47,6 +47,7 @@ class Classification:
     def __init__(self, tokenizer, max_length: int, records: list[Choice], max_new_tokens: int = 0) -> None:
         self.labels = records[0].choices
         self.tokenizer, self.max_length = tokenizer, max_length
+        tokenizer.truncation_side = "left"  # prompts end with the question (BoolQ): keep the end
 
     @property
     def num_labels(self) -> int:

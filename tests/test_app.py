@@ -143,3 +143,26 @@ def test_two_by_two_multirun_writes_two_metrics_per_method(tmp_path):
                               capture_output=True, text=True, timeout=60)
     assert gathered.returncode == 0, gathered.stderr
     assert "| tiny-bert | jsonl | full | 2 |" in gathered.stdout and "| tiny-bert | jsonl | grass | 2 |" in gathered.stdout
+
+
+@pytest.mark.parametrize("group", ["model", "data", "method", "experiment", "hparams_search"])
+def test_every_config_file_composes(tmp_path, group):
+    for choice in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        cfg = compose_run(tmp_path, f"{group}={choice}")
+        assert cfg.model.kind in ("causal_lm", "classification") and cfg.method.name in ("full", "lora", "lisa", "grass")
+
+
+def test_grass_run_draws_the_importance_heat_map(tmp_path, data_files):
+    cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
+                      "method.probe_steps=1", "method.sampling_period=2", "method.refresh_interval=2")
+    run.train(cfg)
+    png = tmp_path / "importance.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_heat_map_of_a_run_without_importance_is_skipped(tmp_path):
+    from grass_lightning.heatmap import draw
+
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,step,train/loss\n0,9,0.5\n")
+    assert draw(metrics) is None and not (tmp_path / "importance.png").exists()
