@@ -1,15 +1,18 @@
 """GRASS for PyTorch Lightning: train a few transformer blocks at a time, chosen by importance.
 
-Package map: `blocks` finds the blocks; `importance` measures them; `probe` measures all of
-them cheaply at the start; `sampling` turns importance into an active set; `active_set`
-freezes the rest and handles idle Adam moments; `schedule` runs these step by step in plain
-PyTorch; `callback` wires the schedule into Lightning.
+The algorithm, plain PyTorch: `blocks` finds the blocks; `importance` measures them; `probe`
+measures all of them cheaply at the start; `sampling` turns importance into an active set;
+`active_set` freezes the rest and handles idle Adam moments; `schedule` runs these step by
+step; `config` holds the hyper-parameters. Lightning adapters: `callback`, `progress`.
+The app behind `train.py`: `sources` (data), `tasks` (loss and score), `models`, `methods`,
+`module` (GrassModule), `datamodule`, `stats`, `run` (train(cfg)), `gather`, `heatmap`.
 """
 
 from grass_lightning.blocks import BlockLayout, find_blocks
 from grass_lightning.callback import GrassCallback
 from grass_lightning.config import GrassConfig
+from grass_lightning.module import GrassModule
 from grass_lightning.schedule import GrassSchedule
 
-__all__ = ["BlockLayout", "GrassCallback", "GrassConfig", "GrassSchedule", "find_blocks"]
+__all__ = ["BlockLayout", "GrassCallback", "GrassConfig", "GrassModule", "GrassSchedule", "find_blocks"]
 __version__ = "0.1.0"

@@ -14,18 +14,20 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from grass_lightning.methods import METHODS
+
 COLUMNS = ("score_before", "score", "step_time_s", "peak_memory_mb", "trainable_params_max")
 
 
 def gather(root: Path) -> list[dict]:
-    """One row per (model, data, method), in the order of METHOD_ORDER then name."""
+    """One row per (model, data, method), methods in the order of `METHODS`."""
     groups = defaultdict(list)
     for path in sorted(root.rglob("metrics.json")):
         run = json.loads(path.read_text())
         groups[(run["model"], run["data"], run["method"])].append(run)
     if not groups:
         raise FileNotFoundError(f"No metrics.json under {root}.")
-    order = {name: i for i, name in enumerate(("full", "lora", "lisa", "grass"))}
+    order = {name: i for i, name in enumerate(METHODS)}
     rows = []
     for (model, data, method), runs in sorted(groups.items(), key=lambda kv: (kv[0][:2], order.get(kv[0][2], 9), kv[0][2])):
         row = {"model": model, "data": data, "method": method, "runs": len(runs), "score_name": runs[0]["score_name"]}
