@@ -4,7 +4,7 @@ The algorithm, plain PyTorch: `blocks` finds the blocks; `importance` measures t
 measures all of them cheaply at the start; `sampling` turns importance into an active set;
 `active_set` freezes the rest and handles idle Adam moments; `schedule` runs these step by
 step; `config` holds the hyper-parameters. Lightning adapters: `callback`, `progress`.
-The app behind `train.py`: `sources` (data), `tasks` (loss and score), `models`, `methods`,
+The app behind `train.py`: `sources` (data), `tasks` (loss and score), `models`, `assets`, `methods`,
 `module` (GrassModule), `datamodule`, `stats`, `run` (train(cfg)), `gather`, `heatmap`.
 """
 

