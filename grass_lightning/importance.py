@@ -17,9 +17,10 @@ from torch import nn
 
 def block_sq_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
     """Squared L2 norm of the gradients of ``params`` (fp32, on the gradients' device)."""
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=params[0].device)
     return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
 
 
@@ -47,6 +48,7 @@ class ImportanceEstimate:
         self.window_sum = torch.zeros(num_blocks)
         self.window_count = torch.zeros(num_blocks, dtype=torch.int64)
         self.nonfinite = torch.zeros((), dtype=torch.int64)
+        self._index: dict[tuple[int, ...], torch.Tensor] = {}  # on-device block indices, made once per set
 
     def record(self, blocks: Sequence[int], rms: torch.Tensor) -> None:
         """Add one step's r_l for ``blocks``; a non-finite value is skipped and counted."""
@@ -56,7 +58,10 @@ class ImportanceEstimate:
         self.window_sum = self.window_sum.to(device)
         self.window_count = self.window_count.to(device)
         self.nonfinite = self.nonfinite.to(device)
-        index = torch.as_tensor(blocks, device=device)
+        key = tuple(blocks)
+        if key not in self._index or self._index[key].device != device:
+            self._index = {key: torch.as_tensor(key, device=device)}  # a host-to-device copy waits for the GPU
+        index = self._index[key]
         finite = rms.detach().isfinite()
         self.window_sum.index_add_(0, index, torch.where(finite, rms.detach(), 0.0).float())
         self.window_count.index_add_(0, index, finite.long())

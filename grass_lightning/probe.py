@@ -30,7 +30,7 @@ class GradientProbe:
     """
 
     def __init__(self, blocks: Sequence[Sequence[nn.Parameter]]) -> None:
-        self._numel = torch.tensor([sum(p.numel() for p in ps) for ps in blocks], dtype=torch.float64)
+        self._numel = [sum(p.numel() for p in ps) for ps in blocks]
         self._sq: list[torch.Tensor | float] = [0.0] * len(blocks)
         self._passes = 0
         self._handles = [
@@ -55,11 +55,8 @@ class GradientProbe:
     def take(self) -> tuple[list[int], torch.Tensor]:
         """The blocks read since the last call and their r_l (on their device); then reset."""
         read = [i for i, s in enumerate(self._sq) if isinstance(s, torch.Tensor)]
-        rms = torch.empty(0)
-        if read:
-            sq = torch.stack([self._sq[i] for i in read])
-            numel = self._numel[read].to(sq.device, torch.float32)
-            rms = (max(self._passes, 1) * sq / numel).sqrt()
+        passes = max(self._passes, 1)
+        rms = torch.stack([(passes * self._sq[i] / self._numel[i]).sqrt() for i in read]) if read else torch.empty(0)
         self._sq = [0.0] * len(self._sq)
         self._passes = 0
         return read, rms
