@@ -1,10 +1,16 @@
-"""Lightning adapter for the carved splits: shuffled training batches, evaluation batches."""
+"""Lightning adapter for the carved splits: shuffled training batches, evaluation batches.
+
+Training batches come from torchdata's `StatefulDataLoader`: Lightning saves its position
+(sampler order and offset) in checkpoints, so a run resumed mid-epoch continues with the very
+batches it would have seen, not a restarted epoch. Fine-tuning runs are often a single epoch.
+"""
 
 from __future__ import annotations
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from grass_lightning.sources import Splits
 
@@ -26,10 +32,10 @@ class SplitsDataModule(LightningDataModule):
         self.splits, self.task = splits, task
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
         order = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.splits.train, self.batch_size, shuffle=True, generator=order,
-                          collate_fn=self.task.collate)
+        return StatefulDataLoader(self.splits.train, self.batch_size, shuffle=True, generator=order,
+                                  collate_fn=self.task.collate)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits.val, self.eval_batch_size, collate_fn=self.task.collate_eval)

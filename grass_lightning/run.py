@@ -78,6 +78,9 @@ def train(cfg: DictConfig) -> float:
     score_key = f"test/{task.score_name}"
     before = trainer.test(module, datamodule=datamodule, verbose=False)[0][score_key]
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    checkpoints = trainer.checkpoint_callback
+    if checkpoints is not None and checkpoints.dirpath:  # last.ckpt is the final state, whatever the cadence
+        trainer.save_checkpoint(Path(checkpoints.dirpath) / "last.ckpt")
     after = trainer.test(module, datamodule=datamodule, verbose=False)[0][score_key]
 
     metrics = {
@@ -96,7 +99,7 @@ def train(cfg: DictConfig) -> float:
         "train_examples": len(splits.train),
         "test_examples": len(splits.test),
         "wall_time_s": time.perf_counter() - started,
-        "checkpoint": trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None,
+        "checkpoint": str(Path(checkpoints.dirpath) / "last.ckpt") if checkpoints is not None else None,
     }
     if trainer.is_global_zero:
         _write_json(out_dir / "metrics.json", metrics)

@@ -166,3 +166,23 @@ def test_heat_map_of_a_run_without_importance_is_skipped(tmp_path):
     metrics = tmp_path / "metrics.csv"
     metrics.write_text("epoch,step,train/loss\n0,9,0.5\n")
     assert draw(metrics) is None and not (tmp_path / "importance.png").exists()
+
+
+def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_files):
+    """8 steps straight equal 3 steps + checkpoint + resume to 8, mid-epoch and mid-probe included."""
+    common = ["model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", "trainer.max_steps=8",
+              "method.probe_steps=4", "method.sampling_period=3", "method.refresh_interval=2",
+              "callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.save_top_k=-1",
+              "trainer.val_check_interval=100"]  # 30 training examples, batch 4: an epoch is 8 steps
+    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
+    run.train(compose_run(straight, *common))
+    run.train(compose_run(first, *common, "trainer.max_steps=3"))
+    run.train(compose_run(resumed, *common, f"ckpt_path={first / 'checkpoints' / 'step3.ckpt'}"))
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 8
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    ga, gb = (next(v for k, v in c["callbacks"].items() if k.startswith("GrassCallback")) for c in (a, b))
+    assert ga["history"] == gb["history"] and torch.equal(ga["importance"]["estimate"], gb["importance"]["estimate"])
