@@ -31,8 +31,10 @@ from grass_lightning.stats import RunStats, peak_memory_mb
 from grass_lightning.tasks import task_class
 
 # Lightning warns that checkpoints of manually optimized modules hold the state *after* the
-# step; that is what resuming at `global_step` needs.
+# step; that is what resuming at `global_step` needs. torchdata 0.11 calls a torch API that
+# torch deprecated, on every epoch.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 def load_records(data: dict) -> list:
