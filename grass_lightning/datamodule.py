@@ -34,11 +34,12 @@ class SplitsDataModule(LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         order = torch.Generator().manual_seed(self.seed)
-        return StatefulDataLoader(self.splits.train, self.batch_size, shuffle=True, generator=order,
-                                  collate_fn=self.task.collate)
+        # Keyword arguments only: Lightning rebuilds the loader with a DistributedSampler under DDP.
+        return StatefulDataLoader(dataset=self.splits.train, batch_size=self.batch_size, shuffle=True,
+                                  generator=order, collate_fn=self.task.collate)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits.val, self.eval_batch_size, collate_fn=self.task.collate_eval)
+        return DataLoader(dataset=self.splits.val, batch_size=self.eval_batch_size, collate_fn=self.task.collate_eval)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits.test, self.eval_batch_size, collate_fn=self.task.collate_eval)
+        return DataLoader(dataset=self.splits.test, batch_size=self.eval_batch_size, collate_fn=self.task.collate_eval)

@@ -1,5 +1,6 @@
 """GRASS under Lightning's own DDP: two CPU processes (gloo) agree on blocks, importance, weights."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,3 +11,20 @@ def test_two_ranks_train_the_same_blocks_and_end_with_the_same_weights():
     done = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "history [[2, " in done.stdout  # the first draw comes after the 2 probe steps
+
+
+def test_train_py_runs_grass_under_lightning_ddp(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from app import CONF, choice_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "mc.jsonl", choice_rows())
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "train.py", "trainer=ddp", "trainer.accelerator=cpu", "model=tiny_llama", "data=jsonl",
+               f"data.path={data}", "trainer.max_steps=6", "method.probe_steps=2", "method.sampling_period=2",
+               "method.refresh_interval=2", "data.val_size=4", "data.test_size=6", "trainer.enable_progress_bar=false",
+               "~callbacks.progress_bar", f"hydra.run.dir={run_dir}"]
+    done = subprocess.run(command, cwd=CONF.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["method"] == "grass"
+    assert (run_dir / "train_ddp_process_1.log").exists()  # the second rank ran in the same run directory
