@@ -186,3 +186,15 @@ def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, dat
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
     ga, gb = (next(v for k, v in c["callbacks"].items() if k.startswith("GrassCallback")) for c in (a, b))
     assert ga["history"] == gb["history"] and torch.equal(ga["importance"]["estimate"], gb["importance"]["estimate"])
+
+
+def test_a_failing_sweep_member_does_not_stop_the_others(tmp_path):
+    data = write_jsonl(tmp_path / "cls.jsonl", classification_rows())
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "train.py", "-m", "method.num_active=0,1", "model=tiny_bert", "data=jsonl",
+               f"data.path={data}", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+               "~callbacks.progress_bar", "data.val_size=4", "data.test_size=6", f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(command, cwd=CONF.parent, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "method.num_active=0 must be an integer >= 1" in done.stderr
+    assert not (sweep / "0" / "metrics.json").exists()  # the bad job leaves nothing misleading
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["steps"] == 2
