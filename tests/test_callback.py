@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from conftest import HFModule, ScaledModule, hf_loss, quiet_trainer, regression_loader, token_loader
