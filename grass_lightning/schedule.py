@@ -109,7 +109,8 @@ class GrassSchedule:
         if self.probing:
             return False
         if self.step == self.config.probe_steps and self.config.probe_steps > 0:
-            self._close_probe()
+            self._remove_probe()
+            self._refresh()
             return self._draw()
         trained = self.step - self.config.probe_steps
         if self.config.sampler != "static" and trained % self.config.refresh_interval == 0:
@@ -120,19 +121,16 @@ class GrassSchedule:
 
     def close(self) -> None:
         """Remove probe hooks and give the model back its original ``requires_grad`` flags."""
-        if self._probe is not None:
-            self._probe.remove()
-            self._probe = None
+        self._remove_probe()
         self.active_set.restore()
 
     def _rms(self, blocks: Sequence[int]) -> torch.Tensor:
         return torch.stack([block_rms(self._blocks[i]) for i in blocks])
 
-    def _close_probe(self) -> None:
+    def _remove_probe(self) -> None:
         if self._probe is not None:
             self._probe.remove()
             self._probe = None
-        self._refresh()
 
     def _refresh(self) -> None:
         self.importance.refresh()
