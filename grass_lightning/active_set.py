@@ -7,7 +7,8 @@ LISA's classic bug (the optimizer never sees the blocks), which `ActiveSet` refu
 
 Idle moments: ``"drop"`` releases a leaving block's Adam moments, so optimizer memory is
 bounded by the active set (a returning block starts fresh, as LISA-as-run and BAdam do);
-``"keep"`` leaves them in ``optimizer.state`` so a returning block resumes its moments.
+``"keep"`` leaves them in ``optimizer.state`` so a returning block resumes its moments. With an
+`offloader`, which blocks' moments stay on the device follows the active set too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from grass_lightning.blocks import BlockLayout
+from grass_lightning.offload import MomentOffloader
 
 IDLE_MOMENTS = ("drop", "keep")
 
@@ -52,6 +54,7 @@ class ActiveSet:
         self._outside = list(outside.values())
         self._always = {id(p) for p in always_trained}
         self._user_frozen = {id(p) for p in (*self._outside, *sum(self._blocks, [])) if not p.requires_grad}
+        self.offloader: MomentOffloader | None = None
         self._check_optimizers()
 
     def _check_optimizers(self) -> None:
@@ -70,6 +73,8 @@ class ActiveSet:
         for params in self._blocks:
             self._set(params, True)
         self._set(self._outside, False)
+        if self.offloader is not None:
+            self.offloader.set_active([])
 
     def activate(self, active: Sequence[int]) -> None:
         """Train exactly ``active`` plus the always-trained parameters."""
@@ -77,8 +82,12 @@ class ActiveSet:
             self._set(params, index in active)
             if index not in active and self.idle_moments == "drop":
                 self._drop_moments(params)
+                if self.offloader is not None:
+                    self.offloader.forget(index)
         for p in self._outside:
             self._set([p], id(p) in self._always)
+        if self.offloader is not None:
+            self.offloader.set_active(active)
 
     def restore(self) -> None:
         """Give back the ``requires_grad`` flags the user had before training."""

@@ -10,7 +10,8 @@ Example::
 Per optimizer step: ``on_before_backward`` counts backward passes for a probing schedule;
 ``on_before_optimizer_step`` (gradients complete, accumulated and unscaled) measures
 importance; ``on_train_batch_end`` (after the optimizer step) refreshes importance, draws the
-next active set and logs. Works under automatic and manual optimization.
+next active set and logs. Works under automatic and manual optimization. Under an offloading
+strategy (:mod:`grass_lightning.strategy`) it builds the run's moment offloader.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing_extensions import override
 
 from grass_lightning.blocks import find_blocks
 from grass_lightning.config import GrassConfig
+from grass_lightning.offload import check_offload
 from grass_lightning.schedule import GrassSchedule
+from grass_lightning.strategy import OffloadingStrategy
 
 _SHARDING = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
 ACTIVE_SLOT = "active_"  # progress-bar keys active_0, active_1, ...: one per active block
@@ -61,8 +64,9 @@ class GrassCallback(Callback):
         ValueError: for an argument out of range, at construction; at fit start, for a
             ``blocks`` path that does not resolve, a model without detectable blocks, or
             ``num_active`` above the number of blocks.
-        MisconfigurationException: in ``setup``, for DeepSpeed/FSDP/model-parallel strategies
-            and for DDP without ``find_unused_parameters=True``.
+        MisconfigurationException: in ``setup``, for DeepSpeed/FSDP/model-parallel strategies,
+            for DDP without ``find_unused_parameters=True``, and for a park-mode offloading
+            strategy with ``idle_moments="drop"``.
     """
 
     def __init__(
@@ -118,6 +122,11 @@ class GrassCallback(Callback):
                 f"optimizer state itself, so single blocks cannot be frozen and their moments released. "
                 f"Use strategy='ddp_find_unused_parameters_true' for several GPUs, or a single device."
             )
+        if isinstance(strategy, OffloadingStrategy):
+            try:
+                check_offload(strategy.offload, self.config.idle_moments)
+            except ValueError as error:
+                raise MisconfigurationException(f"GrassCallback with {type(strategy).__name__}: {error}") from None
         if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
             raise MisconfigurationException(
                 "GrassCallback under DDP needs find_unused_parameters=True: frozen blocks produce no "
@@ -131,24 +140,29 @@ class GrassCallback(Callback):
         seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
         # Probe hooks see gradients before DDP all-reduces them and before AMP unscales them.
         probe_by_hooks = trainer.world_size == 1 and _loss_scaler(trainer) is None
-        self.schedule = GrassSchedule(layout, trainer.optimizers, self.config, seed, probe_by_hooks)
+        strategy = trainer.strategy
+        offload = strategy.offload if isinstance(strategy, OffloadingStrategy) else "none"
+        self.schedule = GrassSchedule(layout, trainer.optimizers, self.config, seed, probe_by_hooks, offload)
+        if self.schedule.offloader is not None:
+            strategy.connect_offloader(self.schedule.offloader)
         if self._saved_state is not None:
             self.schedule.load_state_dict(self._saved_state)
         self.schedule.start()
         rank_zero_info(
             f"GRASS: {len(layout)} blocks at {layout.path!r}, training {self.config.num_active} at a time "
-            f"(sampler={self.config.sampler!r}, probe_steps={self.config.probe_steps})."
+            f"(sampler={self.config.sampler!r}, probe_steps={self.config.probe_steps}, offload={offload!r})."
         )
         if layout.tied() and self.config.train_embeddings != self.config.train_head:
             rank_zero_info(
                 "GRASS: the LM head shares its weight with the input embeddings; that weight trains only "
                 "when train_embeddings and train_head are both True."
             )
-        if self.config.idle_moments == "keep":
+        if self.config.idle_moments == "keep" and offload == "none":
             rank_zero_warn(
                 "GrassCallback(idle_moments='keep') keeps the Adam moments of every block visited so far "
                 "on the training device: optimizer memory grows toward full fine-tuning. Use "
-                "idle_moments='drop' to bound it by the active set."
+                "idle_moments='drop' to bound it by the active set, or strategy='grass_offload' to "
+                "keep idle blocks' moments in host memory."
             )
 
     @override
@@ -197,6 +211,9 @@ class GrassCallback(Callback):
             metrics[f"grass/importance/{block:02d}"] = importance[block].item()
             metrics[f"grass/probability/{block:02d}"] = schedule.probabilities[block].item()
             metrics[f"grass/active/{block:02d}"] = float(block in schedule.active and not schedule.probing)
+        if schedule.offloader is not None:
+            metrics["grass/moments_device_mb"] = schedule.offloader.device_bytes() / 2**20
+            metrics["grass/moments_host_mb"] = schedule.offloader.host_bytes() / 2**20
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         if not schedule.probing:
             bar = {f"{ACTIVE_SLOT}{slot}": float(block) for slot, block in enumerate(schedule.active)}

@@ -5,6 +5,9 @@
 - ``lisa``: GrassCallback with uniform block sampling and no probe (LISA's scheme).
 - ``grass``: GrassCallback with importance sampling.
 
+``lisa`` and ``grass`` can keep block moments in host memory: ``offload: park|stream`` (see
+:mod:`grass_lightning.offload`); the run then trains under an offloading strategy.
+
 Everything is validated when the method is built, before any model is loaded.
 """
 
@@ -17,9 +20,9 @@ from lightning.pytorch import Callback
 from torch import nn
 
 from grass_lightning.callback import GrassCallback
+from grass_lightning.offload import check_offload
 
 METHODS = ("full", "lora", "lisa", "grass")
-OFFLOAD = ("none",)
 _LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 
 
@@ -28,6 +31,7 @@ class Method:
     name: str
     callbacks: list[Callback] = field(default_factory=list)
     lora: dict | None = None
+    offload: str = "none"
 
     def prepare(self, model: nn.Module, kind: str) -> nn.Module:
         """Wrap ``model`` for the method (LoRA adapters); others train it as it is."""
@@ -48,8 +52,8 @@ def build_method(config: dict, seed: int) -> Method:
     config.pop("lr", None)  # the method's learning rate, read by `optim.lr`
     if name not in METHODS:
         raise ValueError(f"method.name={name!r} is not one of {METHODS}.")
-    if offload not in OFFLOAD:
-        raise ValueError(f"method.offload={offload!r}: optimizer-state offloading is not available yet; use 'none'.")
+    if offload != "none" and name not in ("lisa", "grass"):
+        raise ValueError(f"method.offload={offload!r}: only the block methods (lisa, grass) offload; use 'none'.")
     if name == "full":
         _no_extra(config, ())
         return Method(name)
@@ -61,9 +65,10 @@ def build_method(config: dict, seed: int) -> Method:
     _no_extra(config, tuple(p for p in inspect.signature(GrassCallback).parameters if p != "seed"))  # seed: run's
     try:
         callback = GrassCallback(seed=seed, **config)
+        check_offload(offload, callback.config.idle_moments)
     except ValueError as error:  # its messages start with "<argument>=<value>"
         raise ValueError(f"method.{error}") from None
-    return Method(name, callbacks=[callback])
+    return Method(name, callbacks=[callback], offload=offload)
 
 
 def _no_extra(config: dict, allowed: tuple[str, ...]) -> None:

@@ -28,6 +28,7 @@ from grass_lightning.models import ModelSpec, load_model, resolve_model_path
 from grass_lightning.module import GrassModule, OptimConfig
 from grass_lightning.sources import BUILTIN, carve, read_jsonl
 from grass_lightning.stats import RunStats, peak_memory_mb
+from grass_lightning.strategy import offload_strategy
 from grass_lightning.tasks import task_class
 
 # Lightning warns that checkpoints of manually optimized modules hold the state *after* the
@@ -57,6 +58,9 @@ def train(cfg: DictConfig) -> float:
     _check_trainer(cfg.trainer)
     optim = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
     method = build_method(OmegaConf.to_container(cfg.method, resolve=True), seed=cfg.seed)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if method.offload != "none":
+        trainer_kwargs["strategy"] = offload_strategy(trainer_kwargs.get("strategy", "auto"), method.offload)
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     data = OmegaConf.to_container(cfg.data, resolve=True)
     records = load_records(data)
@@ -75,7 +79,7 @@ def train(cfg: DictConfig) -> float:
     stats = RunStats()
     callbacks = [*method.callbacks, *(instantiate(c) for c in cfg.callbacks.values()), stats]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks, logger=logger)
+    trainer = Trainer(**trainer_kwargs, callbacks=callbacks, logger=logger)
 
     score_key = f"test/{task.score_name}"
     before = trainer.test(module, datamodule=datamodule, verbose=False)[0][score_key]

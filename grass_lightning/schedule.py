@@ -27,6 +27,7 @@ from grass_lightning.active_set import ActiveSet
 from grass_lightning.blocks import BlockLayout
 from grass_lightning.config import GrassConfig
 from grass_lightning.importance import ImportanceEstimate, block_rms
+from grass_lightning.offload import MomentOffloader, check_offload
 from grass_lightning.probe import GradientProbe
 from grass_lightning.sampling import BlockSampler, sampling_probabilities
 
@@ -42,6 +43,8 @@ class GrassSchedule:
         probe_by_hooks: read and free each gradient during backward while probing (low memory).
             False reads the finished gradients in `measure` instead, as needed when they are
             all-reduced across processes or loss-scaled (fp16 AMP) during backward.
+        offload: ``"none"``, or keep block moments in host memory: ``"park"`` (idle blocks') or
+            ``"stream"`` (all blocks'), see :mod:`grass_lightning.offload`. Needs one optimizer.
     """
 
     def __init__(
@@ -51,8 +54,12 @@ class GrassSchedule:
         config: GrassConfig,
         seed: int,
         probe_by_hooks: bool = True,
+        offload: str = "none",
     ) -> None:
         config.check_blocks(len(layout), layout.path)
+        check_offload(offload, config.idle_moments)
+        if offload != "none" and len(optimizers) != 1:
+            raise ValueError(f"offload={offload!r} needs exactly one optimizer; the module has {len(optimizers)}.")
         self.config = config
         self.active_set = ActiveSet(
             layout, optimizers, layout.always_trained(config.train_embeddings, config.train_head), config.idle_moments
@@ -66,6 +73,8 @@ class GrassSchedule:
         self.probabilities = torch.full((len(layout),), 1.0 / len(layout), dtype=torch.float64)
         self._blocks = [layout.block_params(i) for i in range(len(layout))]
         self._probe: GradientProbe | None = None
+        self.offloader = MomentOffloader(self._blocks, optimizers[0], offload) if offload != "none" else None
+        self.active_set.offloader = self.offloader
 
     @property
     def probing(self) -> bool:
@@ -78,6 +87,7 @@ class GrassSchedule:
             if self.probe_by_hooks and self._probe is None:
                 self._probe = GradientProbe(self._blocks)
         else:
+            self._remove_probe()  # a schedule loaded past its probe may have started probing
             if not self.active:
                 self._draw()
             self.active_set.activate(self.active)
@@ -100,7 +110,7 @@ class GrassSchedule:
             for params in self._blocks:
                 for p in params:
                     p.grad = None
-        elif self.config.sampler != "static":
+        elif self.config.sampler == "grass":  # uniform (LISA) and static never use a new measurement
             self.importance.record(self.active, self._rms(self.active))
 
     def end_step(self) -> bool:
@@ -113,16 +123,19 @@ class GrassSchedule:
             self._refresh()
             return self._draw()
         trained = self.step - self.config.probe_steps
-        if self.config.sampler != "static" and trained % self.config.refresh_interval == 0:
+        if self.config.sampler == "grass" and trained % self.config.refresh_interval == 0:
             self._refresh()
         if trained % self.config.sampling_period == 0:
             return self._draw()
         return False
 
     def close(self) -> None:
-        """Remove probe hooks and give the model back its original ``requires_grad`` flags."""
+        """Remove probe hooks, give the model back its ``requires_grad`` flags and its optimizer
+        its parked moments (as host tensors)."""
         self._remove_probe()
         self.active_set.restore()
+        if self.offloader is not None:
+            self.offloader.close()
 
     def _rms(self, blocks: Sequence[int]) -> torch.Tensor:
         return torch.stack([block_rms(self._blocks[i]) for i in blocks])

@@ -103,7 +103,10 @@ def test_resume_from_a_mid_run_checkpoint_continues_at_the_right_step_with_the_s
         (["method.temperature=-1"], ValueError, r"method\.temperature=-1"),
         (["method.sampler=random"], ValueError, r"method\.sampler='random'"),
         (["+method.bogus=1"], ValueError, r"method\.bogus=1 is not a setting"),
-        (["method.offload=park"], ValueError, r"method\.offload='park'"),
+        (["method.offload=park"], ValueError, r"method\.offload='park' with idle_moments='drop'.*'keep'"),
+        (["method.offload=cpu"], ValueError, r"method\.offload='cpu' is not one of 'none', 'park', 'stream'"),
+        (["method=full", "method.offload=stream"], ValueError, r"method\.offload='stream': only the block methods"),
+        (["method.offload=stream", "+trainer.strategy=fsdp"], ValueError, r"trainer\.strategy='fsdp' cannot be combined"),
         (["method=lora", "method.r=0"], ValueError, r"method\.r=0"),
         (["data=jsonl", "data.path=/no/such/file.jsonl"], FileNotFoundError, r"data\.path='/no/such/file\.jsonl'"),
         (["data.test_size=900"], ValueError, r"test_size=900 .* leave the train split empty"),
@@ -168,9 +171,12 @@ def test_heat_map_of_a_run_without_importance_is_skipped(tmp_path):
     assert draw(metrics) is None and not (tmp_path / "importance.png").exists()
 
 
-def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_files):
+@pytest.mark.parametrize("method", [
+    ["method=grass"], ["method=lisa"], ["method.offload=park", "method.idle_moments=keep"], ["method.offload=stream"],
+], ids=["grass", "lisa", "grass-park", "grass-stream"])
+def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_files, method):
     """8 steps straight equal 3 steps + checkpoint + resume to 8, mid-epoch and mid-probe included."""
-    common = ["model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", "trainer.max_steps=8",
+    common = [*method, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", "trainer.max_steps=8",
               "method.probe_steps=4", "method.sampling_period=3", "method.refresh_interval=2",
               "callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.save_top_k=-1",
               "trainer.val_check_interval=100"]  # 30 training examples, batch 4: an epoch is 8 steps
@@ -186,6 +192,16 @@ def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, dat
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
     ga, gb = (next(v for k, v in c["callbacks"].items() if k.startswith("GrassCallback")) for c in (a, b))
     assert ga["history"] == gb["history"] and torch.equal(ga["importance"]["estimate"], gb["importance"]["estimate"])
+
+
+def test_offloaded_run_logs_where_the_moments_are(tmp_path, data_files):
+    cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
+                      "method.offload=stream", "method.probe_steps=1")
+    run.train(cfg)
+    rows = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").open()) if r.get("grass/moments_host_mb")]
+    assert rows and float(rows[-1]["grass/moments_host_mb"]) > 0
+    assert float(rows[-1]["grass/moments_device_mb"]) < float(rows[-1]["grass/moments_host_mb"])
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 4
 
 
 def test_a_failing_sweep_member_does_not_stop_the_others(tmp_path):

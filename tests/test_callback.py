@@ -196,24 +196,34 @@ def test_importance_probabilities_and_active_set_are_logged(tmp_path):
     assert shown == grass.state_dict()["active"]
 
 
-def test_resume_from_a_mid_period_checkpoint_continues_exactly(tmp_path):
-    """12 steps in one go equal 4 steps + ModelCheckpoint + resume to 12 (a draw every 3 steps)."""
+def _run_grass(tmp_path, max_steps, ckpt_path=None, checkpoints=False, strategy="auto", idle_moments="drop",
+               callbacks=()):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    def run(max_steps, ckpt_path=None, checkpoints=False):
-        grass = GrassCallback(num_active=2, sampling_period=3, refresh_interval=2, probe_steps=2, seed=0)
-        callbacks = [grass]
-        if checkpoints:
-            callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1))
-        module = HFModule("llama")
-        trainer = quiet_trainer(max_steps=max_steps, max_epochs=-1, callbacks=callbacks,
-                                enable_checkpointing=checkpoints)
-        trainer.fit(module, token_loader(n_batches=4), ckpt_path=ckpt_path)
-        return module, trainer, grass
+    grass = GrassCallback(num_active=2, sampling_period=3, refresh_interval=2, probe_steps=2, seed=0,
+                          idle_moments=idle_moments)
+    callbacks = [grass, *callbacks]
+    if checkpoints:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1))
+    module = HFModule("llama")
+    trainer = quiet_trainer(max_steps=max_steps, max_epochs=-1, callbacks=callbacks, strategy=strategy,
+                            enable_checkpointing=checkpoints)
+    trainer.fit(module, token_loader(n_batches=4), ckpt_path=ckpt_path)
+    return module, trainer, grass
 
-    full, full_trainer, full_grass = run(12, checkpoints=True)
+
+OFFLOAD_RUNS = [("auto", "drop"), ("auto", "keep"), ("grass_offload", "keep"), ("grass_offload_stream", "keep"),
+                ("grass_offload_stream", "drop")]
+
+
+@pytest.mark.parametrize(("strategy", "idle_moments"), OFFLOAD_RUNS, ids=["-".join(r) for r in OFFLOAD_RUNS])
+def test_resume_from_a_mid_period_checkpoint_continues_exactly(tmp_path, strategy, idle_moments):
+    """12 steps in one go equal 4 steps + ModelCheckpoint + resume to 12 (a draw every 3 steps)."""
+    full, full_trainer, full_grass = _run_grass(tmp_path, 12, checkpoints=True, strategy=strategy,
+                                                idle_moments=idle_moments)
     (ckpt,) = tmp_path.glob("*step=4.ckpt")
-    resumed, resumed_trainer, resumed_grass = run(12, ckpt_path=ckpt)
+    resumed, resumed_trainer, resumed_grass = _run_grass(tmp_path, 12, ckpt_path=ckpt, strategy=strategy,
+                                                         idle_moments=idle_moments)
     assert resumed_trainer.global_step == 12
     a, b = full_grass.state_dict(), resumed_grass.state_dict()
     assert a["history"] == b["history"] and len(a["history"]) == 4
@@ -222,3 +232,43 @@ def test_resume_from_a_mid_period_checkpoint_continues_exactly(tmp_path):
         assert torch.equal(p, q)
     sa, sb = full_trainer.optimizers[0].state_dict()["state"], resumed_trainer.optimizers[0].state_dict()["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k][n], sb[k][n]) for k in sa for n in sa[k])
+
+
+class _CountMoments(Callback):
+    """Bytes of each block's Adam moments allocated when the optimizer is about to step."""
+
+    def __init__(self):
+        self.resident = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        layers = pl_module.model.model.layers
+        self.resident.append({i for i, layer in enumerate(layers) if any(
+            t.untyped_storage().nbytes() for p in layer.parameters()
+            for k, t in optimizer.state.get(p, {}).items() if k != "step")})
+
+
+@pytest.mark.parametrize("strategy", ["grass_offload", "grass_offload_stream"])
+def test_offloading_strategy_trains_exactly_like_no_offload_and_keeps_idle_moments_off_the_device(tmp_path, strategy):
+    plain, plain_trainer, plain_grass = _run_grass(tmp_path, 12, idle_moments="keep")
+    count = _CountMoments()
+    offloaded, trainer, grass = _run_grass(tmp_path, 12, strategy=strategy, idle_moments="keep", callbacks=[count])
+    assert plain_grass.state_dict()["history"] == grass.state_dict()["history"]
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), offloaded.parameters()))
+    sa, sb = plain_trainer.optimizers[0].state_dict()["state"], trainer.optimizers[0].state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k][n], sb[k][n]) for k in sa for n in sa[k])
+    history = dict(grass.state_dict()["history"])
+    active = None
+    for step, resident in enumerate(count.resident):
+        active = history.get(step, active)
+        allowed = set(active or ()) if strategy == "grass_offload" else set((active or [None])[:1])
+        assert resident <= allowed, (step, resident, active)  # stream: at most the prefetched first block
+    assert any(count.resident)
+
+
+def test_offloading_strategy_needs_keep_in_park_mode_and_warns_without_grass():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match="offload='park' with idle_moments='drop'"):
+        quiet_trainer(max_steps=1, strategy="grass_offload", callbacks=[GrassCallback()]).fit(HFModule(), token_loader())
+    with pytest.warns(UserWarning, match="found no GrassCallback"):
+        quiet_trainer(max_steps=1, strategy="grass_offload").fit(HFModule(), token_loader())
