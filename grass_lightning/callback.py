@@ -139,7 +139,7 @@ class GrassCallback(Callback):
         layout = find_blocks(pl_module, self.blocks)
         seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
         # Probe hooks see gradients before DDP all-reduces them and before AMP unscales them.
-        probe_by_hooks = trainer.world_size == 1 and _loss_scaler(trainer) is None
+        probe_by_hooks = trainer.world_size == 1 and loss_scaler(trainer) is None
         strategy = trainer.strategy
         offload = strategy.offload if isinstance(strategy, OffloadingStrategy) else "none"
         self.schedule = GrassSchedule(layout, trainer.optimizers, self.config, seed, probe_by_hooks, offload)
@@ -220,6 +220,7 @@ class GrassCallback(Callback):
             pl_module.log_dict(bar, on_step=True, on_epoch=False, prog_bar=True, logger=False)
 
 
-def _loss_scaler(trainer: Trainer):
+def loss_scaler(trainer: Trainer):
+    """The trainer's enabled fp16 gradient scaler, or None."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return scaler if scaler is not None and scaler.is_enabled() else None

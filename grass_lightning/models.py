@@ -107,10 +107,9 @@ def load_model(spec: ModelSpec, path: str | None, num_labels: int | None = None)
     extra = {"num_labels": num_labels} if spec.kind == "classification" else {}
     if spec.source == "random":
         tokenizer = byte_tokenizer()
-        config = transformers.AutoConfig.for_model(
-            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.eos_token_id, **spec.config, **extra,
-        )
+        ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   bos_token_id=tokenizer.eos_token_id)  # model.config may widen the vocabulary (benchmarks)
+        config = transformers.AutoConfig.for_model(**{**ids, **spec.config, **extra})
         model = auto.from_config(config)
     else:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)

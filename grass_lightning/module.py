@@ -8,7 +8,7 @@ here, with the LR warm-up and schedule (which Lightning does not step in manual 
 One optimizer step::
 
     training_step: loss / accumulate -> manual_backward          (GrassCallback: count pass)
-    every `accumulate` batches: opt.step()
+    every `accumulate` batches, if every gradient is finite: opt.step()
         -> on_before_optimizer_step                              (GrassCallback: measure, then
                                                                   this module: clip)
         -> AdamW on parameters with gradients; zero_grad; LR schedule step
@@ -25,6 +25,8 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 from typing_extensions import override
+
+from grass_lightning.callback import loss_scaler
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -82,20 +84,40 @@ class GrassModule(LightningModule):
         self.model = model.train()
         self.task = task
         self.val_metric, self.test_metric = task.metric(), task.metric()
+        self.nonfinite_steps = 0
+        self._finite: torch.Tensor | None = None  # all losses of the current step's micro-batches finite
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         loss = self.task.loss(self.model, batch)
         self.manual_backward(loss / self.hparams.accumulate_grad_batches)
+        finite = loss.detach().isfinite()  # a probe frees block gradients in backward: the loss tells
+        self._finite = finite if self._finite is None else self._finite & finite
         last_of_epoch = batch_idx + 1 == self.trainer.num_training_batches
         if (batch_idx + 1) % self.hparams.accumulate_grad_batches == 0 or last_of_epoch:
-            optimizer.step()
+            finite, self._finite = self._finite, None
+            if self._gradients_finite(finite):
+                optimizer.step()
+                schedule.step()
+            else:  # the update is skipped and not counted as a step; GRASS never sees these gradients
+                self.nonfinite_steps += 1
             optimizer.zero_grad(set_to_none=True)
-            schedule.step()
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", schedule.get_last_lr()[0])
         return loss
+
+    def _gradients_finite(self, losses_finite: torch.Tensor) -> bool:
+        """False if a loss or a gradient of this step holds NaN/Inf (one device sync per step).
+        A loss scaler (fp16) does its own skipping, and reads scaled infinities as a cue to lower
+        its scale, so it is left to decide."""
+        if loss_scaler(self.trainer) is not None:
+            return True
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            losses_finite = losses_finite & torch.nn.utils.get_total_norm(grads).isfinite()
+        return bool(losses_finite)
 
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -103,6 +125,14 @@ class GrassModule(LightningModule):
         if self.hparams.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val,
                                 gradient_clip_algorithm="norm")
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -21,6 +21,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from grass_lightning.checkpoint_io import AtomicCheckpointIO
 from grass_lightning.datamodule import SplitsDataModule
 from grass_lightning.heatmap import draw as draw_heatmap
 from grass_lightning.methods import build_method
@@ -79,7 +80,7 @@ def train(cfg: DictConfig) -> float:
     stats = RunStats()
     callbacks = [*method.callbacks, *(instantiate(c) for c in cfg.callbacks.values()), stats]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = Trainer(**trainer_kwargs, callbacks=callbacks, logger=logger)
+    trainer = Trainer(**trainer_kwargs, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
 
     score_key = f"test/{task.score_name}"
     before = trainer.test(module, datamodule=datamodule, verbose=False)[0][score_key]
@@ -98,6 +99,7 @@ def train(cfg: DictConfig) -> float:
         "data": data["source"],
         "seed": cfg.seed,
         "steps": trainer.global_step,
+        "nonfinite_steps": module.nonfinite_steps,
         "step_time_s": stats.step_time_s(),
         "peak_memory_mb": peak_memory_mb(module.device),
         "trainable_params_max": stats.trainable_params_max,

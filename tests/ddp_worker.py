@@ -1,5 +1,5 @@
 """Run by test_ddp.py as its own program: Lightning's DDP launcher starts a second process with
-the same command line. Asserts on every step that both ranks train the same blocks with the same
+the same command line (argument: the strategy). Asserts on every step that both ranks train the same blocks with the same
 importance, and at the end that their weights agree."""
 
 import sys
@@ -17,6 +17,7 @@ from grass_lightning import GrassCallback  # noqa: E402
 class RanksAgree(Callback):
     def __init__(self, grass: GrassCallback) -> None:
         self.grass = grass
+        self.host_bytes = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         schedule = self.grass.schedule
@@ -24,15 +25,20 @@ class RanksAgree(Callback):
         estimate = trainer.strategy.all_gather(schedule.importance.estimate.nan_to_num(-1).float())
         assert (active == active[0]).all(), f"ranks train different blocks: {active.tolist()}"
         assert torch.equal(estimate[0], estimate[1]), f"ranks disagree on importance: {estimate.tolist()}"
+        if schedule.offloader is not None:
+            self.host_bytes = max(self.host_bytes, schedule.offloader.host_bytes())
 
 
 if __name__ == "__main__":
-    grass = GrassCallback(num_active=2, sampling_period=2, refresh_interval=2, probe_steps=2)
-    trainer = quiet_trainer(max_steps=10, devices=2, strategy="ddp_find_unused_parameters_true",
-                            callbacks=[grass, RanksAgree(grass)])
+    strategy = sys.argv[1] if len(sys.argv) > 1 else "ddp_find_unused_parameters_true"
+    grass = GrassCallback(num_active=2, sampling_period=2, refresh_interval=2, probe_steps=2,
+                          idle_moments="keep" if strategy.startswith("grass_offload") else "drop")
+    agree = RanksAgree(grass)
+    trainer = quiet_trainer(max_steps=10, devices=2, strategy=strategy, callbacks=[grass, agree])
     module = HFModule("llama")
     trainer.fit(module, token_loader())
     weights = trainer.strategy.all_gather(torch.cat([p.detach().flatten() for p in module.parameters()]))
     assert torch.equal(weights[0], weights[1]), "weights differ across ranks"
     if trainer.global_rank == 0:
         print("history", grass.state_dict()["history"])
+        print("strategy", type(trainer.strategy).__name__, "moments on host", agree.host_bytes > 0)

@@ -36,3 +36,42 @@ def test_accumulation_counts_optimizer_steps_under_bf16(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 3  # optimizer steps, each of two micro-batches
     assert metrics["trainable_params_max"] > 0 and metrics["step_time_s"] > 0
+
+
+class _PoisonedTokens:
+    """Next-token loss; a batch whose first token is POISON gets a NaN loss (so NaN gradients)."""
+
+    POISON = 63
+    score_name = "loss"
+
+    def metric(self):
+        import torchmetrics
+
+        return torchmetrics.MeanMetric()
+
+    def loss(self, model, batch):
+        loss = model(input_ids=batch, labels=batch).loss
+        return loss * float("nan") if batch[0, 0] == self.POISON else loss
+
+
+def test_a_step_with_nonfinite_gradients_is_skipped_counted_and_unseen_by_grass():
+    import torch
+
+    from conftest import VOCAB, quiet_trainer, tiny_hf
+    from grass_lightning import GrassCallback, GrassModule
+
+    tokens = torch.randint(0, VOCAB - 1, (12 * 4, 8), generator=torch.Generator().manual_seed(0))
+    tokens[[4 * 1, 4 * 5], 0] = _PoisonedTokens.POISON  # batch 1 (probing) and batch 5 (training)
+    module = GrassModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, warmup_steps=0))
+    grass = GrassCallback(num_active=2, sampling_period=2, refresh_interval=2, probe_steps=2, seed=0)
+    trainer = quiet_trainer(max_steps=8, callbacks=[grass])
+    trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=4))
+    assert module.nonfinite_steps == 2  # one during the probe, one while training
+    assert trainer.global_step == 8  # eight real updates: the skipped ones do not count
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    schedule = grass.state_dict()
+    assert torch.isfinite(schedule["importance"]["estimate"]).all() and torch.isfinite(schedule["probabilities"]).all()
+    # GRASS never read the skipped training step; the probe's hooks read the probing one during
+    # backward and its next measurement was skipped as non-finite, one count per block.
+    assert int(schedule["importance"]["nonfinite"]) == 4
+    assert trainer.callback_metrics["train/nonfinite_steps"] == 2

@@ -1,0 +1,34 @@
+"""The benchmark entry point end to end on a tiny model: every method in its own process, one table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from grass_lightning.bench import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_runs_every_method_and_writes_table_json_and_plot(tmp_path):
+    command = [sys.executable, "-m", "grass_lightning.bench", "--model", "tiny_llama", "--steps", "2", "--probe-steps", "1",
+               "--batch-size", "2", "--seq-len", "16", "--sampling-period", "2", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert tuple(rows) == METHODS
+    assert all(r["step_time_s"] > 0 and r["peak_memory_mb"] > 0 and r["timed_steps"] == 2 for r in rows.values())
+    assert rows["grass"]["probe_step_time_s"] > 0 and rows["lisa"]["probe_step_time_s"] is None
+    assert rows["lisa"]["trainable_params"] < rows["full"]["trainable_params"]
+    assert rows["grass+stream"]["optimizer_state_mb"] < rows["grass"]["optimizer_state_mb"]
+    table = (tmp_path / "bench.md").read_text()
+    assert all(f"| {m} |" in table for m in METHODS) and "(1.00×)" in table
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_refuses_an_unknown_method_before_running_anything(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "grass_lightning.bench", "--methods", "full,qlora", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "--methods: 'qlora' is not one of" in done.stderr
+    assert not any(tmp_path.iterdir())
