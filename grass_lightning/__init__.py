@@ -6,7 +6,8 @@ measures all of them cheaply at the start; `sampling` turns importance into an a
 between device and host; `schedule` runs these step by step; `config` holds the
 hyper-parameters. Lightning adapters: `callback`, `strategy` (offloading), `progress`.
 The app behind `train.py`: `sources` (data), `tasks` (loss and score), `models`, `assets`, `methods`,
-`module` (GrassModule), `datamodule`, `stats`, `run` (train(cfg)), `gather`, `heatmap`.
+`module` (GrassModule), `datamodule`, `checkpoint_io`, `stats`, `run` (train(cfg)), `gather`,
+`heatmap`, `bench` (side-by-side costs).
 """
 
 from grass_lightning.blocks import BlockLayout, find_blocks

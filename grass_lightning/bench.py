@@ -9,7 +9,7 @@ offloading strategy. Batches are random tokens: what a step costs does not depen
 values. Reported per method: the median time of the steps after the first ``skip`` (``skip``
 is 2, plus the probe steps for GRASS, which cost about a full fine-tuning step each and are
 reported apart), peak memory (CUDA's peak allocated on a GPU, the process's peak resident set
-on CPU), the most optimizer-state bytes on the training device after a step, the most
+on CPU) and the part of it held before training (libraries, weights), the most optimizer-state bytes on the training device after a step, the most
 parameters trained in one step, and each as a ratio to full fine-tuning. Writes ``bench.json``,
 ``bench.md`` and ``bench.png`` into ``--out``.
 """
@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torchmetrics
 from lightning.pytorch import Callback, Trainer, seed_everything
+
+from grass_lightning.stats import RunStats, current_memory_mb, peak_memory_mb
 
 METHODS = ("full", "lora", "lisa", "grass", "grass+park", "grass+stream")
 _OVERRIDES = {  # each method as overrides of the Hydra config (conf/method)
@@ -54,11 +56,16 @@ class _NextToken:
         return model(input_ids=batch, labels=batch).loss
 
 
-class _OptimizerStateBytes(Callback):
-    """The most bytes the optimizer's state holds on the training device after a step."""
+class _Footprint(Callback):
+    """Memory when training starts (interpreter, libraries, weights) and the most bytes the
+    optimizer's state holds on the training device after a step."""
 
     def __init__(self) -> None:
         self.most = 0
+        self.start_mb: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_mb = current_memory_mb(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         held = sum(t.untyped_storage().nbytes() for opt in trainer.optimizers for state in opt.state.values()
@@ -74,7 +81,6 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     from grass_lightning.methods import build_method
     from grass_lightning.models import ModelSpec, load_model, resolve_model_path
     from grass_lightning.module import GrassModule, OptimConfig
-    from grass_lightning.stats import RunStats, peak_memory_mb
     from grass_lightning.strategy import offload_strategy
 
     overrides = [f"model={args.model}", *_OVERRIDES[method]]
@@ -94,11 +100,13 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     seed_everything(0)
     model, _ = load_model(spec, resolve_model_path(spec))
     model = built.prepare(model, spec.kind)
-    module = GrassModule(model, _NextToken(), OptimConfig(lr=config["lr"], warmup_steps=0, lr_schedule="constant"))
+    optim = OptimConfig(lr=config["lr"], warmup_steps=0, lr_schedule="constant", accumulate_grad_batches=args.accumulate)
+    module = GrassModule(model, _NextToken(), optim)
     steps = skip + args.steps
     vocab = model.get_input_embeddings().num_embeddings
-    tokens = torch.randint(0, vocab, (steps * args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
-    stats, state = RunStats(warmup_steps=skip), _OptimizerStateBytes()
+    rows = steps * args.batch_size * args.accumulate
+    tokens = torch.randint(0, vocab, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
+    stats, state = RunStats(warmup_steps=skip), _Footprint()
     strategy = offload_strategy("auto", built.offload) if built.offload != "none" else "auto"
     trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps, strategy=strategy,
                       callbacks=[*built.callbacks, stats, state], logger=False, enable_checkpointing=False,
@@ -109,6 +117,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
         "step_time_s": stats.step_time_s(),
         "probe_step_time_s": statistics.median(stats.step_times[:probe]) if probe else None,
         "peak_memory_mb": peak_memory_mb(module.device),
+        "start_memory_mb": state.start_mb,
         "optimizer_state_mb": state.most / 2**20,
         "trainable_params": stats.trainable_params_max,
         "timed_steps": len(stats.step_times) - skip,
@@ -124,11 +133,14 @@ def table(rows: list[dict]) -> str:
         ratio = f" ({row[key] / base[key]:.2f}×)" if base and base[key] else ""
         return f"{row[key]:{fmt}}{ratio}"
 
-    lines = ["| method | step time (s) | peak memory (MB) | optimizer state on device (MB) | trained params |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | step time (s) | peak memory (MB) | of which before training (MB) | "
+             "optimizer state on device (MB) | trained params | probe step (s) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {cell(r, 'step_time_s', '.3f')} | {cell(r, 'peak_memory_mb', '.0f')} | "
-                     f"{cell(r, 'optimizer_state_mb', '.1f')} | {r['trainable_params'] / 1e6:.2f}M |")
+        start = "–" if r["start_memory_mb"] is None else f"{r['start_memory_mb']:.0f}"
+        probe = "–" if r["probe_step_time_s"] is None else f"{r['probe_step_time_s']:.3f}"
+        lines.append(f"| {r['method']} | {cell(r, 'step_time_s', '.3f')} | {cell(r, 'peak_memory_mb', '.0f')} | {start} | "
+                     f"{cell(r, 'optimizer_state_mb', '.1f')} | {r['trainable_params'] / 1e6:.2f}M | {probe} |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches of --batch-size per optimizer step")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per method")
     parser.add_argument("--sampling-period", type=int, default=5,
                         help="LISA/GRASS steps per active set; short, so several sets fall in the timed steps")
@@ -174,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"--methods: {unknown[0]!r} is not one of {', '.join(METHODS)}")
-    for name in ("batch_size", "seq_len", "steps", "sampling_period"):
+    for name in ("batch_size", "seq_len", "accumulate", "steps", "sampling_period"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.one:
@@ -194,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
               f"optimizer state {rows[-1]['optimizer_state_mb']:.1f} MB on {rows[-1]['device']}", flush=True)
     report = {
         "command": "python -m grass_lightning.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "precision": args.precision,
+        "model": args.model, "batch_size": args.batch_size, "accumulate": args.accumulate, "seq_len": args.seq_len,
+        "precision": args.precision,
         "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "wall_time_s": round(time.perf_counter() - started),
         "rows": rows,
     }

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -78,7 +79,10 @@ def train(cfg: DictConfig) -> float:
     module = GrassModule(model, task, optim)
     datamodule = SplitsDataModule(splits, task, data["batch_size"], data["eval_batch_size"], seed=cfg.seed)
     stats = RunStats()
-    callbacks = [*method.callbacks, *(instantiate(c) for c in cfg.callbacks.values()), stats]
+    configured = [instantiate(c) for c in cfg.callbacks.values()]
+    if not trainer_kwargs.get("enable_progress_bar", True):  # a bar in callbacks would make Lightning refuse
+        configured = [c for c in configured if not isinstance(c, ProgressBar)]
+    callbacks = [*method.callbacks, *configured, stats]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = Trainer(**trainer_kwargs, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
 
