@@ -63,6 +63,8 @@ def train(cfg: DictConfig) -> float:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if method.offload != "none":
         trainer_kwargs["strategy"] = offload_strategy(trainer_kwargs.get("strategy", "auto"), method.offload)
+    elif method.callbacks:
+        _check_block_strategy(trainer_kwargs.get("strategy", "auto"))
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     data = OmegaConf.to_container(cfg.data, resolve=True)
     records = load_records(data)
@@ -136,6 +138,18 @@ def _check_trainer(trainer: DictConfig) -> None:
     for key in ("accumulate_grad_batches", "gradient_clip_val"):
         if key in trainer:
             raise ValueError(f"trainer.{key}={trainer[key]!r}: set optim.{key} instead (GrassModule optimizes manually).")
+
+
+def _check_block_strategy(strategy) -> None:
+    """What GrassCallback's setup would refuse, said before any weights are loaded."""
+    if not isinstance(strategy, str):
+        return
+    if strategy.startswith(("fsdp", "deepspeed")):
+        raise ValueError(f"trainer.strategy={strategy!r}: sharded strategies own the optimizer state, so GRASS and "
+                         f"LISA cannot freeze blocks and release their moments; use trainer=ddp.")
+    if strategy.startswith("ddp") and not strategy.endswith("find_unused_parameters_true"):
+        raise ValueError(f"trainer.strategy={strategy!r}: frozen blocks produce no gradients; use trainer=ddp "
+                         f"(strategy ddp_find_unused_parameters_true).")
 
 
 def _write_json(path: Path, payload: dict) -> None:

@@ -107,6 +107,8 @@ def test_resume_from_a_mid_run_checkpoint_continues_at_the_right_step_with_the_s
         (["method.offload=cpu"], ValueError, r"method\.offload='cpu' is not one of 'none', 'park', 'stream'"),
         (["method=full", "method.offload=stream"], ValueError, r"method\.offload='stream': only the block methods"),
         (["method.offload=stream", "+trainer.strategy=fsdp"], ValueError, r"trainer\.strategy='fsdp' cannot be combined"),
+        (["+trainer.strategy=fsdp"], ValueError, r"trainer\.strategy='fsdp': sharded strategies .* trainer=ddp"),
+        (["trainer=ddp", "trainer.strategy=ddp"], ValueError, r"trainer\.strategy='ddp': frozen blocks .* trainer=ddp"),
         (["method=lora", "method.r=0"], ValueError, r"method\.r=0"),
         (["data=jsonl", "data.path=/no/such/file.jsonl"], FileNotFoundError, r"data\.path='/no/such/file\.jsonl'"),
         (["data.test_size=900"], ValueError, r"test_size=900 .* leave the train split empty"),

@@ -12,8 +12,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _llama(blocks=8, width=512):
+    # eager attention: fused attention backward kernels may use atomics, and runs must be bit-comparable
     config = transformers.LlamaConfig(vocab_size=1024, hidden_size=width, intermediate_size=4 * width,
-                                      num_hidden_layers=blocks, num_attention_heads=8, num_key_value_heads=8)
+                                      num_hidden_layers=blocks, num_attention_heads=8, num_key_value_heads=8,
+                                      attn_implementation="eager")
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).cuda()
 

@@ -1,0 +1,21 @@
+"""Peak memory is per run: a sweep's later jobs do not inherit an earlier job's peak."""
+
+import sys
+
+import pytest
+import torch
+
+from grass_lightning.stats import current_memory_mb, peak_memory_mb, reset_peak_memory
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM reset is Linux's /proc/self/clear_refs")
+def test_reset_forgets_an_earlier_jobs_peak():
+    big = torch.ones(400 * 2**20 // 4)  # 400 MiB, touched
+    during = peak_memory_mb(CPU)
+    del big
+    reset_peak_memory(CPU)
+    after = peak_memory_mb(CPU)
+    assert during - after > 300, (during, after)
+    assert abs(after - current_memory_mb(CPU)) < 50
