@@ -3,12 +3,14 @@
     python -m grass_lightning.gather multirun/2026-11-29/17-00-00
 
 Runs are grouped by model, data and method; each cell is the mean ± standard deviation over
-the runs (seeds) of the group. Writes summary.md and summary.json beside the runs.
+the runs (seeds) of the group. Writes summary.md, summary.json and loss_curves.png (training
+loss per method, mean over seeds) beside the runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 from collections import defaultdict
@@ -52,6 +54,38 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def loss_curves(root: Path, out: Path, window: int = 10) -> Path | None:
+    """Plot the training loss per method over steps: the mean over a group's runs (seeds) of each
+    run's ``csv/metrics.csv``, smoothed by a moving average of ``window`` logged points."""
+    curves = defaultdict(list)
+    for path in sorted(root.rglob("metrics.json")):
+        logged = path.parent / "csv" / "metrics.csv"
+        if logged.is_file():
+            with logged.open() as f:
+                losses = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+            curves[json.loads(path.read_text())["method"]].append(losses)
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, runs in sorted(curves.items(), key=lambda kv: METHODS.index(kv[0]) if kv[0] in METHODS else 9):
+        steps = sorted(set.intersection(*(set(run) for run in runs)))
+        mean = [statistics.mean(run[step] for run in runs) for step in steps]
+        smooth = [statistics.mean(mean[max(0, i - window + 1): i + 1]) for i in range(len(mean))]
+        ax.plot(steps, smooth, label=f"{method} ({len(runs)} runs)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"training loss (moving average of {window})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder holding the runs (e.g. multirun/<date>/<time>)")
@@ -61,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     (root / "summary.md").write_text(table)
     (root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table, end="")
+    curves = loss_curves(root, root / "loss_curves.png")
+    if curves is not None:
+        print(f"loss curves: {curves}")
 
 
 if __name__ == "__main__":

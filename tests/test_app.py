@@ -148,6 +148,7 @@ def test_two_by_two_multirun_writes_two_metrics_per_method(tmp_path):
                               capture_output=True, text=True, timeout=60)
     assert gathered.returncode == 0, gathered.stderr
     assert "| tiny-bert | jsonl | full | 2 |" in gathered.stdout and "| tiny-bert | jsonl | grass | 2 |" in gathered.stdout
+    assert (sweep / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("group", ["model", "data", "method", "experiment", "hparams_search"])
