@@ -53,7 +53,7 @@ def draw(metrics_csv: Path, out: Path | None = None) -> Path | None:
     ax.scatter(xs, ys, s=4, c="white", marker="s", linewidths=0, label="trained")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("block")
-    ax.set_title("GRASS block importance (mean gradient norm / max over blocks)")
+    ax.set_title("Block importance (mean gradient norm / max over blocks) and the blocks trained")
     fig.colorbar(image, ax=ax, label="relative importance")
     ax.legend(loc="upper right", fontsize=8, markerscale=3)
     out = out or metrics_csv.with_name("importance.png")

@@ -218,7 +218,7 @@ class MomentOffloader:
 
     def _moments(self, p: nn.Parameter) -> Iterator[tuple[str, torch.Tensor]]:
         for key, value in self.optimizer.state.get(p, {}).items():
-            if key != "step" and torch.is_tensor(value) and value.shape == p.shape:
+            if key != "step" and torch.is_tensor(value) and value.shape == p.shape and value.device == p.device:
                 yield key, value
 
     def _index(self, block: int) -> list[_Slot]:
