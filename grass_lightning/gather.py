@@ -78,7 +78,7 @@ def loss_curves(root: Path, out: Path, window: int = 10) -> Path | None:
         smooth = [statistics.mean(mean[max(0, i - window + 1): i + 1]) for i in range(len(mean))]
         ax.plot(steps, smooth, label=f"{method} ({len(runs)} runs)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"training loss (moving average of {window})")
+    ax.set_ylabel(f"training loss (mean over seeds;\nmoving average of {window} logged values)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
