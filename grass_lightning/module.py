@@ -86,6 +86,7 @@ class GrassModule(LightningModule):
         self.val_metric, self.test_metric = task.metric(), task.metric()
         self.nonfinite_steps = 0
         self._finite: torch.Tensor | None = None  # all losses of the current step's micro-batches finite
+        self._grad_norm: torch.Tensor | None = None  # this step's total gradient norm, for clipping
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -110,21 +111,28 @@ class GrassModule(LightningModule):
 
     def _gradients_finite(self, losses_finite: torch.Tensor) -> bool:
         """False if a loss or a gradient of this step holds NaN/Inf (one device sync per step).
-        A loss scaler (fp16) does its own skipping, and reads scaled infinities as a cue to lower
-        its scale, so it is left to decide."""
+        The gradient norm it takes is kept for clipping. A loss scaler (fp16) does its own
+        skipping, and reads scaled infinities as a cue to lower its scale, so it is left to decide."""
+        self._grad_norm = None
         if loss_scaler(self.trainer) is not None:
             return True
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
-            losses_finite = losses_finite & torch.nn.utils.get_total_norm(grads).isfinite()
+            self._grad_norm = torch.nn.utils.get_total_norm(grads)
+            losses_finite = losses_finite & self._grad_norm.isfinite()
         return bool(losses_finite)
 
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
         # Callbacks' hooks run first: GrassCallback has read the unclipped gradients.
-        if self.hparams.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val,
-                                gradient_clip_algorithm="norm")
+        clip = self.hparams.gradient_clip_val
+        if not clip:
+            return
+        if self._grad_norm is None:  # under a loss scaler: Lightning unscales, then clips
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        else:  # the finiteness check's norm: no second pass over the gradients
+            params = [p for p in self.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, clip, self._grad_norm)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:

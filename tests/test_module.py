@@ -75,3 +75,30 @@ def test_a_step_with_nonfinite_gradients_is_skipped_counted_and_unseen_by_grass(
     # backward and its next measurement was skipped as non-finite, one count per block.
     assert int(schedule["importance"]["nonfinite"]) == 4
     assert trainer.callback_metrics["train/nonfinite_steps"] == 2
+
+
+def test_clipping_reuses_the_finiteness_norm_and_bounds_every_update():
+    import torch
+    from lightning.pytorch import Callback
+
+    from conftest import VOCAB, quiet_trainer, tiny_hf
+    from grass_lightning import GrassModule
+
+    class Norms(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_start(self, trainer, module):
+            def after_step(optimizer, args, kwargs):
+                grads = [p.grad for p in module.parameters() if p.grad is not None]
+                self.seen.append((float(module._grad_norm), float(torch.nn.utils.get_total_norm(grads))))
+
+            trainer.optimizers[0].register_step_post_hook(after_step)
+
+    tokens = torch.randint(0, VOCAB, (6 * 4, 8), generator=torch.Generator().manual_seed(0))
+    module = GrassModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, warmup_steps=0, gradient_clip_val=0.05))
+    norms = Norms()
+    quiet_trainer(max_steps=6, callbacks=[norms]).fit(module, torch.utils.data.DataLoader(tokens, batch_size=4))
+    assert len(norms.seen) == 6
+    assert all(raw > 0.05 for raw, _ in norms.seen)  # clipping had work to do
+    assert all(clipped == pytest.approx(0.05, rel=1e-3) for _, clipped in norms.seen)
