@@ -9,7 +9,9 @@ offloading strategy. Batches are random tokens: what a step costs does not depen
 values. Reported per method: the median time of the steps after the first ``skip`` (``skip``
 is 2, plus the probe steps for GRASS, which cost about a full fine-tuning step each and are
 reported apart), peak memory (CUDA's peak allocated on a GPU, the process's peak resident set
-on CPU) and the part of it held before training (libraries, weights), the most optimizer-state bytes on the training device after a step, the most
+on CPU) and the part of it held before training (libraries, weights), the mean number of blocks
+the backward pass runs through (the lowest trained block sets it: the main cost difference
+between LISA and GRASS runs, whose active sets differ), the most optimizer-state bytes on the training device after a step, the most
 parameters trained in one step, and each as a ratio to full fine-tuning. Writes ``bench.json``,
 ``bench.md`` and ``bench.png`` into ``--out``.
 """
@@ -57,15 +59,23 @@ class _NextToken:
 
 
 class _Footprint(Callback):
-    """Memory when training starts (interpreter, libraries, weights) and the most bytes the
-    optimizer's state holds on the training device after a step."""
+    """Memory when training starts (interpreter, libraries, weights), the most bytes the
+    optimizer's state holds on the training device after a step, and per step how many blocks
+    the backward pass runs through (from the lowest trained block up), which sets its cost."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
         self.most = 0
         self.start_mb: float | None = None
+        self.depths: list[int] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start_mb = current_memory_mb(pl_module.device)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        schedule = next((c.schedule for c in trainer.callbacks if getattr(c, "schedule", None) is not None), None)
+        trained = schedule.active if schedule is not None and not schedule.probing else [0]
+        self.depths.append(self.num_blocks - min(trained))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         held = sum(t.untyped_storage().nbytes() for opt in trainer.optimizers for state in opt.state.values()
@@ -78,6 +88,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from grass_lightning.blocks import find_blocks
     from grass_lightning.methods import build_method
     from grass_lightning.models import ModelSpec, load_model, resolve_model_path
     from grass_lightning.module import GrassModule, OptimConfig
@@ -106,7 +117,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     vocab = model.get_input_embeddings().num_embeddings
     rows = steps * args.batch_size * args.accumulate
     tokens = torch.randint(0, vocab, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
-    stats, state = RunStats(warmup_steps=skip), _Footprint()
+    stats, state = RunStats(warmup_steps=skip), _Footprint(len(find_blocks(model)))
     strategy = offload_strategy("auto", built.offload) if built.offload != "none" else "auto"
     trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps, strategy=strategy,
                       callbacks=[*built.callbacks, stats, state], logger=False, enable_checkpointing=False,
@@ -121,6 +132,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
         "optimizer_state_mb": state.most / 2**20,
         "trainable_params": stats.trainable_params_max,
         "timed_steps": len(stats.step_times) - skip,
+        "backward_blocks": statistics.mean(state.depths[skip:]),
         "device": str(module.device),
     }
 
@@ -133,14 +145,15 @@ def table(rows: list[dict]) -> str:
         ratio = f" ({row[key] / base[key]:.2f}×)" if base and base[key] else ""
         return f"{row[key]:{fmt}}{ratio}"
 
-    lines = ["| method | step time (s) | peak memory (MB) | of which before training (MB) | "
+    lines = ["| method | step time (s) | blocks back-propagated | peak memory (MB) | of which before training (MB) | "
              "optimizer state on device (MB) | trained params | probe step (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         start = "–" if r["start_memory_mb"] is None else f"{r['start_memory_mb']:.0f}"
         probe = "–" if r["probe_step_time_s"] is None else f"{r['probe_step_time_s']:.3f}"
-        lines.append(f"| {r['method']} | {cell(r, 'step_time_s', '.3f')} | {cell(r, 'peak_memory_mb', '.0f')} | {start} | "
-                     f"{cell(r, 'optimizer_state_mb', '.1f')} | {r['trainable_params'] / 1e6:.2f}M | {probe} |")
+        lines.append(f"| {r['method']} | {cell(r, 'step_time_s', '.3f')} | {r['backward_blocks']:.1f} | "
+                     f"{cell(r, 'peak_memory_mb', '.0f')} | {start} | {cell(r, 'optimizer_state_mb', '.1f')} | "
+                     f"{r['trainable_params'] / 1e6:.2f}M | {probe} |")
     return "\n".join(lines) + "\n"
 
 

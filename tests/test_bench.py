@@ -21,6 +21,7 @@ def test_bench_runs_every_method_and_writes_table_json_and_plot(tmp_path):
     assert all(r["step_time_s"] > 0 and r["peak_memory_mb"] > 0 and r["timed_steps"] == 2 for r in rows.values())
     assert rows["grass"]["probe_step_time_s"] > 0 and rows["lisa"]["probe_step_time_s"] is None
     assert rows["lisa"]["trainable_params"] < rows["full"]["trainable_params"]
+    assert rows["full"]["backward_blocks"] == 4 and 1 <= rows["lisa"]["backward_blocks"] <= 4
     assert rows["grass+stream"]["optimizer_state_mb"] < rows["grass"]["optimizer_state_mb"]
     table = (tmp_path / "bench.md").read_text()
     assert all(f"| {m} |" in table for m in METHODS) and "(1.00×)" in table
