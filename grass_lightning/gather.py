@@ -29,9 +29,8 @@ def gather(root: Path) -> list[dict]:
         groups[(run["model"], run["data"], run["method"])].append(run)
     if not groups:
         raise FileNotFoundError(f"No metrics.json under {root}.")
-    order = {name: i for i, name in enumerate(METHODS)}
     rows = []
-    for (model, data, method), runs in sorted(groups.items(), key=lambda kv: (kv[0][:2], order.get(kv[0][2], 9), kv[0][2])):
+    for (model, data, method), runs in sorted(groups.items(), key=lambda kv: (kv[0][:2], _rank(kv[0][2]), kv[0][2])):
         row = {"model": model, "data": data, "method": method, "runs": len(runs), "score_name": runs[0]["score_name"]}
         for column in COLUMNS:
             values = [r[column] for r in runs if r.get(column) is not None]
@@ -72,7 +71,7 @@ def loss_curves(root: Path, out: Path, window: int = 10) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for method, runs in sorted(curves.items(), key=lambda kv: METHODS.index(kv[0]) if kv[0] in METHODS else 9):
+    for method, runs in sorted(curves.items(), key=lambda kv: (_rank(kv[0]), kv[0])):
         steps = sorted(set.intersection(*(set(run) for run in runs)))
         mean = [statistics.mean(run[step] for run in runs) for step in steps]
         smooth = [statistics.mean(mean[max(0, i - window + 1): i + 1]) for i in range(len(mean))]
@@ -84,6 +83,11 @@ def loss_curves(root: Path, out: Path, window: int = 10) -> Path | None:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _rank(method: str) -> int:
+    """Tables and plots list methods in the order of `METHODS`, others after them."""
+    return METHODS.index(method) if method in METHODS else len(METHODS)
 
 
 def main(argv: list[str] | None = None) -> None:
