@@ -58,6 +58,8 @@ def train(cfg: DictConfig) -> float:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_trainer(cfg.trainer)
+    if not isinstance(cfg.test_before, bool):
+        raise ValueError(f"test_before={cfg.test_before!r} must be true or false.")
     optim = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
     method = build_method(OmegaConf.to_container(cfg.method, resolve=True), seed=cfg.seed)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -81,7 +83,7 @@ def train(cfg: DictConfig) -> float:
     module = GrassModule(model, task, optim)
     datamodule = SplitsDataModule(splits, task, data["batch_size"], data["eval_batch_size"], seed=cfg.seed)
     stats = RunStats()
-    configured = [instantiate(c) for c in cfg.callbacks.values()]
+    configured = [instantiate(c) for c in cfg.callbacks.values() if c is not None]  # `callbacks.<name>: null` drops one
     if not trainer_kwargs.get("enable_progress_bar", True):  # a bar in callbacks would make Lightning refuse
         configured = [c for c in configured if not isinstance(c, ProgressBar)]
     callbacks = [*method.callbacks, *configured, stats]
@@ -89,7 +91,7 @@ def train(cfg: DictConfig) -> float:
     trainer = Trainer(**trainer_kwargs, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
 
     score_key = f"test/{task.score_name}"
-    before = trainer.test(module, datamodule=datamodule, verbose=False)[0][score_key]
+    before = trainer.test(module, datamodule=datamodule, verbose=False)[0][score_key] if cfg.test_before else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     checkpoints = trainer.checkpoint_callback
     if checkpoints is not None and checkpoints.dirpath:  # last.ckpt is the final state, whatever the cadence
@@ -118,7 +120,7 @@ def train(cfg: DictConfig) -> float:
     if trainer.is_global_zero:
         _write_json(out_dir / "metrics.json", metrics)
         print(f"\n{data['source']} test {task.score_name} ({len(splits.test)} examples): "
-              f"before {before:.4f} -> after {after:.4f}  [{method.name}, {spec.name}, {trainer.global_step} steps]")
+              f"{'' if before is None else f'before {before:.4f} -> '}after {after:.4f}  [{method.name}, {spec.name}, {trainer.global_step} steps]")
         print(f"metrics: {out_dir / 'metrics.json'}")
         if method.callbacks and isinstance(trainer.logger, CSVLogger):
             heatmap = draw_heatmap(Path(trainer.logger.log_dir) / "metrics.csv", out_dir / "importance.png")

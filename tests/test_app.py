@@ -158,6 +158,14 @@ def test_every_config_file_composes(tmp_path, group):
         assert cfg.model.kind in ("causal_lm", "classification") and cfg.method.name in ("full", "lora", "lisa", "grass")
 
 
+@pytest.mark.parametrize("method", ["full", "lora", "lisa", "grass"])
+def test_every_experiment_builds_with_every_method(tmp_path, method):
+    """An experiment may not set a method's settings: `-m experiment=... method=full,lora,lisa,grass` must build."""
+    for experiment in sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")):
+        cfg = compose_run(tmp_path, f"experiment={experiment}", f"method={method}")
+        assert run.build_method(OmegaConf.to_container(cfg.method, resolve=True), seed=0).name == method
+
+
 def test_grass_run_draws_the_importance_heat_map(tmp_path, data_files):
     cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
                       "method.probe_steps=1", "method.sampling_period=2", "method.refresh_interval=2")
