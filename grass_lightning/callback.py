@@ -43,7 +43,8 @@ class GrassCallback(Callback):
     Args:
         num_active: blocks trained at once (gamma). Default 2.
         sampling_period: optimizer steps between draws of the active set (T_s). Default 50.
-        probe_steps: initial steps that measure every block and update nothing (T_p). Default 10.
+        probe_steps: initial steps that measure every block and update nothing (T_p). Default 10;
+            must be 0 with sampler="uniform", which reads no importance.
         refresh_interval: optimizer steps between importance refreshes (T_u). Default 50.
         temperature: softmax temperature over the normalised importance (tau). Default 0.5.
         ema: weight of the newest window in a refresh (alpha), in (0, 1]. Default 0.5.

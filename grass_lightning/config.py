@@ -66,6 +66,11 @@ class GrassConfig:
                 "sampler='static' with probe_steps=0: the static sampler draws from the probe's "
                 "estimate for the whole run, so it needs probe_steps >= 1."
             )
+        if self.sampler == "uniform" and self.probe_steps > 0:
+            raise ValueError(
+                f"sampler='uniform' with probe_steps={self.probe_steps}: uniform sampling (LISA) reads no "
+                f"importance, so the probe's steps would update nothing; set probe_steps=0."
+            )
 
     def check_blocks(self, num_blocks: int, path: str) -> None:
         """Raise if the model has fewer blocks than ``num_active``."""

@@ -64,7 +64,7 @@ def test_only_active_blocks_and_head_train_in_hugging_face_models(family):
 
 
 def test_plain_module_with_explicit_blocks_path():
-    grass = GrassCallback(num_active=1, sampling_period=2, refresh_interval=2, probe_steps=1,
+    grass = GrassCallback(num_active=1, sampling_period=2, refresh_interval=2, probe_steps=0,
                           blocks="net.body.layers", sampler="uniform", seed=0)
     spy = Spy(grass)
     quiet_trainer(max_steps=30, callbacks=[grass, spy]).fit(ScaledModule(), regression_loader())

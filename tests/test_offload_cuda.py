@@ -24,7 +24,7 @@ def _train(offload, steps=24):
     model = _llama()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     schedule = GrassSchedule(find_blocks(model), [optimizer],
-                             GrassConfig(num_active=2, sampling_period=3, refresh_interval=3, probe_steps=2,
+                             GrassConfig(num_active=2, sampling_period=3, refresh_interval=3, probe_steps=0,
                                          idle_moments="keep", sampler="uniform"), seed=0, offload=offload)
     schedule.start()
     g = torch.Generator().manual_seed(0)

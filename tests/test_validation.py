@@ -35,6 +35,7 @@ BAD_ARGUMENTS = [
     (dict(blocks=3), "blocks=3 must be a dotted module path"),
     (dict(seed="0"), "seed='0' must be an integer or None"),
     (dict(sampler="static", probe_steps=0), "sampler='static' with probe_steps=0"),
+    (dict(sampler="uniform", probe_steps=3), "sampler='uniform' with probe_steps=3: .* set probe_steps=0"),
 ]
 
 
