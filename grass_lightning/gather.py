@@ -1,10 +1,12 @@
-"""Gather the metrics.json of many runs (a Hydra multirun folder) into one table.
+"""Gather the metrics.json of many runs (a Hydra multirun folder) into tables.
 
     python -m grass_lightning.gather multirun/2026-11-29/17-00-00
 
 Runs are grouped by model, data and method; each cell is the mean ± standard deviation over
-the runs (seeds) of the group. Writes summary.md, summary.json and loss_curves.png (training
-loss per method, mean over seeds) beside the runs.
+the runs (seeds) of the group. When a model ran on two or more data sets, a second table gives
+each method's score averaged over the sets (the paper's "Avg." column). Writes summary.md,
+summary.json and loss_curves.png (training loss per method, mean over seeds, one panel per
+model and data set) beside the runs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -21,22 +24,53 @@ from grass_lightning.methods import METHODS
 COLUMNS = ("score_before", "score", "step_time_s", "peak_memory_mb", "trainable_params_max")
 
 
+def _runs(root: Path) -> list[tuple[Path, dict]]:
+    runs = [(path, json.loads(path.read_text())) for path in sorted(root.rglob("metrics.json"))]
+    if not runs:
+        raise FileNotFoundError(f"No metrics.json under {root}.")
+    return runs
+
+
+def _order(key: tuple) -> tuple:
+    """Sort (..., method) keys by what precedes the method, then methods in the order of `METHODS`."""
+    return (*key[:-1], _rank(key[-1]), key[-1])
+
+
 def gather(root: Path) -> list[dict]:
     """One row per (model, data, method), methods in the order of `METHODS`."""
     groups = defaultdict(list)
-    for path in sorted(root.rglob("metrics.json")):
-        run = json.loads(path.read_text())
+    for _, run in _runs(root):
         groups[(run["model"], run["data"], run["method"])].append(run)
-    if not groups:
-        raise FileNotFoundError(f"No metrics.json under {root}.")
     rows = []
-    for (model, data, method), runs in sorted(groups.items(), key=lambda kv: (kv[0][:2], _rank(kv[0][2]), kv[0][2])):
+    for (model, data, method), runs in sorted(groups.items(), key=lambda kv: _order(kv[0])):
         row = {"model": model, "data": data, "method": method, "runs": len(runs), "score_name": runs[0]["score_name"]}
         for column in COLUMNS:
             values = [r[column] for r in runs if r.get(column) is not None]
             row[column] = statistics.mean(values) if values else None
             row[column + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         rows.append(row)
+    return rows
+
+
+def averages(root: Path) -> list[dict]:
+    """Per (model, method), the score averaged over every data set the model ran on: the mean ±
+    std over seeds of each seed's average. A seed counts only if it ran on every set, so a
+    missing run never tilts the average; models run on a single set get no row."""
+    scores = defaultdict(dict)  # (model, method) -> {(data, seed): score}
+    sets = defaultdict(set)
+    for _, run in _runs(root):
+        scores[(run["model"], run["method"])][(run["data"], run["seed"])] = run["score"]
+        sets[run["model"]].add(run["data"])
+    rows = []
+    for (model, method), by_run in sorted(scores.items(), key=lambda kv: _order(kv[0])):
+        per_seed = [statistics.mean(by_run[(data, seed)] for data in sets[model])
+                    for seed in sorted({seed for _, seed in by_run})
+                    if all((data, seed) in by_run for data in sets[model])]
+        if len(sets[model]) < 2 or not per_seed:
+            continue
+        rows.append({"model": model, "method": method, "sets": sorted(sets[model]), "seeds": len(per_seed),
+                     "score": statistics.mean(per_seed),
+                     "score_std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0})
     return rows
 
 
@@ -53,16 +87,25 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_averages(rows: list[dict]) -> str:
+    lines = ["| model | method | seeds | mean score over the sets | sets |", "|" + "---|" * 5]
+    lines += [f"| {r['model']} | {r['method']} | {r['seeds']} | {r['score']:.3f} ± {r['score_std']:.3f} | "
+              f"{', '.join(r['sets'])} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def loss_curves(root: Path, out: Path, window: int = 10) -> Path | None:
-    """Plot the training loss per method over steps: the mean over a group's runs (seeds) of each
-    run's ``csv/metrics.csv``, smoothed by a moving average of ``window`` logged points."""
-    curves = defaultdict(list)
-    for path in sorted(root.rglob("metrics.json")):
+    """Plot the training loss per method over steps, one panel per (model, data): the mean over a
+    group's runs (seeds) of each run's ``csv/metrics.csv``, smoothed by a moving average of
+    ``window`` logged points."""
+    curves = defaultdict(list)  # (model, data, method) -> runs' {step: loss}
+    for path, run in _runs(root):
         logged = path.parent / "csv" / "metrics.csv"
         if logged.is_file():
             with logged.open() as f:
                 losses = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
-            curves[json.loads(path.read_text())["method"]].append(losses)
+            if losses:
+                curves[(run["model"], run["data"], run["method"])].append(losses)
     if not curves:
         return None
     import matplotlib
@@ -70,15 +113,23 @@ def loss_curves(root: Path, out: Path, window: int = 10) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for method, runs in sorted(curves.items(), key=lambda kv: (_rank(kv[0]), kv[0])):
-        steps = sorted(set.intersection(*(set(run) for run in runs)))
-        mean = [statistics.mean(run[step] for run in runs) for step in steps]
-        smooth = [statistics.mean(mean[max(0, i - window + 1): i + 1]) for i in range(len(mean))]
-        ax.plot(steps, smooth, label=f"{method} ({len(runs)} runs)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"training loss (mean over seeds;\nmoving average of {window} logged values)")
-    ax.legend()
+    panels = sorted({key[:2] for key in curves})
+    cols = min(len(panels), 2)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4 * rows), squeeze=False)
+    for ax, (model, data) in zip(axes.flat, panels):
+        for (_, _, method), runs in sorted(((k, v) for k, v in curves.items() if k[:2] == (model, data)),
+                                           key=lambda kv: _order(kv[0])):
+            steps = sorted(set.intersection(*(set(run) for run in runs)))
+            mean = [statistics.mean(run[step] for run in runs) for step in steps]
+            smooth = [statistics.mean(mean[max(0, i - window + 1): i + 1]) for i in range(len(mean))]
+            ax.plot(steps, smooth, label=f"{method} ({len(runs)} runs)")
+        ax.set_title(f"{model} on {data}" if len(panels) > 1 else "")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"training loss (mean over seeds;\nmoving average of {window} logged values)")
+        ax.legend()
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -94,10 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder holding the runs (e.g. multirun/<date>/<time>)")
     root = parser.parse_args(argv).root
-    rows = gather(root)
-    table = markdown(rows)
+    rows, means = gather(root), averages(root)
+    table = markdown(rows) + ("\n" + markdown_averages(means) if means else "")
     (root / "summary.md").write_text(table)
-    (root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (root / "summary.json").write_text(json.dumps({"runs": rows, "mean_over_sets": means}, indent=2) + "\n")
     print(table, end="")
     curves = loss_curves(root, root / "loss_curves.png")
     if curves is not None:

@@ -1,0 +1,64 @@
+"""gather: tables over seeds, the average over data sets, loss-curve panels, from synthetic runs."""
+
+import json
+
+import pytest
+
+from grass_lightning.gather import averages, gather, loss_curves, main
+
+
+def _run(root, model, data, method, seed, score, losses=None):
+    folder = root / f"{model}-{data}-{method}-{seed}"
+    (folder / "csv").mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "model": model, "data": data, "method": method, "seed": seed, "score": score, "score_name": "accuracy",
+        "score_before": None, "step_time_s": 1.0, "peak_memory_mb": 100.0, "trainable_params_max": 10}))
+    if losses is not None:
+        (folder / "csv" / "metrics.csv").write_text(
+            "epoch,step,train/loss\n" + "".join(f"0,{i},{loss}\n" for i, loss in enumerate(losses)))
+
+
+def test_rows_are_means_over_seeds_in_method_order(tmp_path):
+    for seed, score in enumerate([0.5, 0.7]):
+        _run(tmp_path, "m", "a", "grass", seed, score)
+        _run(tmp_path, "m", "a", "full", seed, score + 0.1)
+    rows = gather(tmp_path)
+    assert [r["method"] for r in rows] == ["full", "grass"]
+    assert rows[1]["score"] == pytest.approx(0.6) and rows[1]["score_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert rows[1]["score_before"] is None
+
+
+def test_average_over_sets_is_per_seed_and_skips_incomplete_seeds(tmp_path):
+    # seed 0 and 1 ran on both sets; seed 2 of grass only on "a": it must not tilt the average
+    for seed, (a, b) in enumerate([(0.4, 0.8), (0.6, 0.6)]):
+        _run(tmp_path, "m", "a", "grass", seed, a)
+        _run(tmp_path, "m", "b", "grass", seed, b)
+    _run(tmp_path, "m", "a", "grass", 2, 0.0)
+    _run(tmp_path, "solo", "a", "grass", 0, 0.9)  # one set only: no average row
+    (row,) = averages(tmp_path)
+    assert (row["model"], row["method"], row["seeds"], row["sets"]) == ("m", "grass", 2, ["a", "b"])
+    assert row["score"] == pytest.approx(0.6) and row["score_std"] == pytest.approx(0.0)
+
+
+def test_loss_curves_draw_one_panel_per_data_set(tmp_path):
+    import matplotlib.image
+
+    _run(tmp_path / "one", "m", "a", "full", 0, 0.5, losses=[3, 2, 1])
+    one = loss_curves(tmp_path / "one", tmp_path / "one.png")
+    for data in ("a", "b", "c"):
+        _run(tmp_path / "three", "m", data, "full", 0, 0.5, losses=[3, 2, 1])
+    three = loss_curves(tmp_path / "three", tmp_path / "three.png")
+    h1, w1 = matplotlib.image.imread(one).shape[:2]
+    h3, w3 = matplotlib.image.imread(three).shape[:2]
+    assert (w3, h3) == (2 * w1, 2 * h1)  # a 2 x 2 grid, the fourth cell hidden
+
+
+def test_main_writes_both_tables(tmp_path, capsys):
+    for data in ("a", "b"):
+        _run(tmp_path, "m", data, "lisa", 0, 0.5)
+    main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "| m | a | lisa | 1 |" in printed and "| m | lisa | 1 | 0.500 ± 0.000 | a, b |" in printed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["runs"]) == 2 and summary["mean_over_sets"][0]["sets"] == ["a", "b"]
+    assert sum(line.startswith("|---|") for line in (tmp_path / "summary.md").read_text().splitlines()) == 2
