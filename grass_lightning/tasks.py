@@ -111,12 +111,22 @@ class ChoiceScoring(_CausalLM):
         return self._pad([self._encode(r.prompt, r.choices[r.label], eos=True) for r in records])
 
     def collate_eval(self, records: list[Choice]) -> dict:
+        """Every (example, choice) pair as one sequence, padded on the left so that all choices end
+        at the last position: scoring then needs logits for the last few positions only."""
         pairs, rows = [], []
         for i, r in enumerate(records):
             for j, choice in enumerate(r.choices):
                 pairs.append(self._encode(r.prompt, choice, eos=False))
                 rows.append((i, j))
-        batch = self._pad(pairs)
+        width = max(len(ids) for ids, _ in pairs)
+        pad = self.tokenizer.pad_token_id
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in pairs])
+        batch = {
+            "input_ids": torch.tensor([[pad] * (width - len(i)) + i for i, _ in pairs]),
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),  # each sequence counts from 0, as unpadded
+            "labels": torch.tensor([[IGNORE] * (width - len(t)) + t for _, t in pairs]),
+        }
         batch["example"], batch["choice"] = torch.tensor(rows).T
         batch["target"] = torch.tensor([r.label for r in records])
         return batch
@@ -125,14 +135,23 @@ class ChoiceScoring(_CausalLM):
         return torchmetrics.classification.MulticlassAccuracy(self.max_choices, average="micro")
 
     @torch.no_grad()
-    def update(self, metric: torchmetrics.Metric, model: nn.Module, batch: dict) -> None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        targets = batch["labels"][:, 1:]
+    def choice_scores(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Summed log-likelihood of each choice's tokens, ``(examples, max_choices)``; -inf where an
+        example has fewer choices. Logits only for the positions that predict a choice token: the
+        vocabulary-wide softmax at every prompt position would cost as much as the model."""
+        labels = batch["labels"]
+        keep = min(int((labels != IGNORE).sum(-1).max()) + 1, labels.shape[1])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=keep).logits[:, :-1].float()
+        targets = labels[:, labels.shape[1] - keep + 1:]
         scored = targets != IGNORE
         logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         per_example = torch.full((len(batch["target"]), self.max_choices), -torch.inf, device=logp.device)
         per_example[batch["example"], batch["choice"]] = (logp * scored).sum(-1)
-        metric.update(per_example.argmax(-1), batch["target"])
+        return per_example
+
+    def update(self, metric: torchmetrics.Metric, model: nn.Module, batch: dict) -> None:
+        metric.update(self.choice_scores(model, batch).argmax(-1), batch["target"])
 
 
 class AnswerGeneration(_CausalLM):

@@ -40,25 +40,28 @@ def test_long_prompts_are_cut_from_the_left_and_keep_the_answer():
     assert len(ids) == 16 and scored == 5 and byte_tokenizer().decode(ids[: 16 - scored]).endswith("END")
 
 
-def test_choice_scoring_picks_the_highest_likelihood_choice_as_one_sequence_at_a_time_would():
+def test_choice_scores_equal_one_unpadded_sequence_at_a_time():
     torch.manual_seed(0)
     model, tok = load_model(LLAMA, None)
     model.eval()
     records = [Choice("Color of the sky:", ("blue", "green", "a long red answer"), 0),
-               Choice("Two:", ("2", "two"), 1)]
+               Choice("Two, written as a digit, is:", ("2", "two"), 0)]
     task = ChoiceScoring(tok, 64, records)
-    metric = task.metric()
-    task.update(metric, model, task.collate_eval(records))
-    expected = []
-    for r in records:  # unpadded, one choice at a time
-        scores = []
-        for choice in r.choices:
+    batch = task.collate_eval(records)
+    assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][:, 0].all()  # left padded
+    scores = task.choice_scores(model, batch)
+    expected = torch.full_like(scores, -torch.inf)
+    for i, r in enumerate(records):  # unpadded, one choice at a time, every position's logits
+        for j, choice in enumerate(r.choices):
             head = tok(r.prompt)["input_ids"]
             tail = tok(" " + choice, add_special_tokens=False)["input_ids"]
             logits = model(input_ids=torch.tensor([head + tail])).logits[0].log_softmax(-1)
-            scores.append(sum(logits[len(head) - 1 + i, t].item() for i, t in enumerate(tail)))
-        expected.append(int(torch.tensor(scores).argmax()) == r.label)
-    assert metric.compute().item() == pytest.approx(sum(expected) / len(expected))
+            expected[i, j] = sum(logits[len(head) - 1 + k, t] for k, t in enumerate(tail))
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    metric = task.metric()
+    task.update(metric, model, batch)
+    assert metric.compute().item() == pytest.approx(
+        (expected.argmax(-1) == torch.tensor([r.label for r in records])).float().mean().item())
 
 
 def test_final_number_and_exact_match():
