@@ -136,7 +136,7 @@ def test_two_by_two_multirun_writes_two_metrics_per_method(tmp_path):
     data = write_jsonl(tmp_path / "cls.jsonl", classification_rows())
     sweep = tmp_path / "sweep"
     command = [sys.executable, "train.py", "-m", "method=full,grass", "seed=0,1", "model=tiny_bert", "data=jsonl",
-               f"data.path={data}", "trainer.max_steps=3",
+               f"data.path={data}", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
                "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "data.val_size=4", "data.test_size=6",
                f"hydra.sweep.dir={sweep}"]
     done = subprocess.run(command, cwd=CONF.parent, capture_output=True, text=True, timeout=600)
@@ -183,12 +183,13 @@ def test_heat_map_of_a_run_without_importance_is_skipped(tmp_path):
 
 
 @pytest.mark.parametrize("method", [
-    ["method=grass"], ["method=lisa"], ["method.offload=park", "method.idle_moments=keep"], ["method.offload=stream"],
+    ["method=grass", "method.probe_steps=4"], ["method=lisa"],
+    ["method.offload=park", "method.idle_moments=keep", "method.probe_steps=4"], ["method.offload=stream", "method.probe_steps=4"],
 ], ids=["grass", "lisa", "grass-park", "grass-stream"])
 def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_files, method):
     """8 steps straight equal 3 steps + checkpoint + resume to 8, mid-epoch and mid-probe included."""
     common = [*method, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", "trainer.max_steps=8",
-              "method.probe_steps=4", "method.sampling_period=3", "method.refresh_interval=2",
+              "method.sampling_period=3", "method.refresh_interval=2",
               "callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.save_top_k=-1",
               "trainer.val_check_interval=100"]  # 30 training examples, batch 4: an epoch is 8 steps
     straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
@@ -202,7 +203,9 @@ def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, dat
     sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
     ga, gb = (next(v for k, v in c["callbacks"].items() if k.startswith("GrassCallback")) for c in (a, b))
-    assert ga["history"] == gb["history"] and torch.equal(ga["importance"]["estimate"], gb["importance"]["estimate"])
+    assert ga["history"] == gb["history"]
+    torch.testing.assert_close(ga["importance"]["estimate"], gb["importance"]["estimate"], rtol=0, atol=0,
+                               equal_nan=True)  # LISA measures nothing: NaN = never measured
 
 
 def test_offloaded_run_logs_where_the_moments_are(tmp_path, data_files):
