@@ -120,6 +120,8 @@ def test_resume_from_a_mid_run_checkpoint_continues_at_the_right_step_with_the_s
         (["+trainer.accumulate_grad_batches=4"], ValueError, r"set optim\.accumulate_grad_batches"),
         (["optim.lr_schedule=step"], ValueError, r"optim\.lr_schedule='step'"),
         (["ckpt_path=/no/such.ckpt"], FileNotFoundError, r"ckpt_path='/no/such\.ckpt'"),
+        (["test_before=maybe"], ValueError, r"test_before='maybe' must be true or false"),
+        (["method=lisa", "method.probe_steps=4"], ValueError, r"method\.sampler='uniform' with probe_steps=4: .* probe_steps=0"),
     ],
 )
 def test_bad_overrides_fail_before_any_model_is_loaded(tmp_path, monkeypatch, overrides, error, message):
