@@ -123,7 +123,7 @@ def loss_curves(root: Path, out: Path, window: int = 10) -> Path | None:
             steps = sorted(set.intersection(*(set(run) for run in runs)))
             mean = [statistics.mean(run[step] for run in runs) for step in steps]
             smooth = [statistics.mean(mean[max(0, i - window + 1): i + 1]) for i in range(len(mean))]
-            ax.plot(steps, smooth, label=f"{method} ({len(runs)} runs)")
+            ax.plot(steps, smooth, label=f"{method} ({len(runs)} runs)", color=f"C{_rank(method)}")  # same colour in every panel
         ax.set_title(f"{model} on {data}" if len(panels) > 1 else "")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"training loss (mean over seeds;\nmoving average of {window} logged values)")
