@@ -88,12 +88,17 @@ class _CausalLM:
         head = head[-(self.max_length - len(tail)):]  # keep the end of a long prompt
         return head + tail, [IGNORE] * len(head) + tail
 
-    def _pad(self, pairs: list[tuple[list[int], list[int]]]) -> dict:
+    def _pad(self, pairs: list[tuple[list[int], list[int]]], left: bool = False) -> dict:
         width = max(len(ids) for ids, _ in pairs)
+
+        def fill(row: list[int], value: int) -> list[int]:
+            padding = [value] * (width - len(row))
+            return padding + row if left else row + padding
+
         pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in pairs])
-        labels = torch.tensor([t + [IGNORE] * (width - len(t)) for _, t in pairs])
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in pairs])
+        ids = torch.tensor([fill(i, pad) for i, _ in pairs])
+        labels = torch.tensor([fill(t, IGNORE) for _, t in pairs])
+        mask = torch.tensor([fill([1] * len(i), 0) for i, _ in pairs])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
@@ -118,15 +123,8 @@ class ChoiceScoring(_CausalLM):
             for j, choice in enumerate(r.choices):
                 pairs.append(self._encode(r.prompt, choice, eos=False))
                 rows.append((i, j))
-        width = max(len(ids) for ids, _ in pairs)
-        pad = self.tokenizer.pad_token_id
-        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in pairs])
-        batch = {
-            "input_ids": torch.tensor([[pad] * (width - len(i)) + i for i, _ in pairs]),
-            "attention_mask": mask,
-            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),  # each sequence counts from 0, as unpadded
-            "labels": torch.tensor([[IGNORE] * (width - len(t)) + t for _, t in pairs]),
-        }
+        batch = self._pad(pairs, left=True)
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # each counts from 0, as unpadded
         batch["example"], batch["choice"] = torch.tensor(rows).T
         batch["target"] = torch.tensor([r.label for r in records])
         return batch
