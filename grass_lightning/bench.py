@@ -106,7 +106,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     if spec.kind != "causal_lm":
         raise ValueError(f"--model {args.model}: the benchmark trains causal LMs; {spec.name} is a {spec.kind}.")
-    probe = config.get("probe_steps", 0) if config.get("sampler") == "grass" else 0
+    probe = config.get("probe_steps", 0)  # none for LISA: GrassConfig refuses probe steps with uniform sampling
     skip = 2 + probe
     seed_everything(0)
     model, _ = load_model(spec, resolve_model_path(spec))
