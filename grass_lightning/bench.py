@@ -51,8 +51,8 @@ class _NextToken:
 
     score_name = "loss"
 
-    def metric(self) -> torchmetrics.Metric:
-        return torchmetrics.MeanMetric()
+    def metrics(self) -> torchmetrics.MetricCollection:
+        return torchmetrics.MetricCollection({"loss": torchmetrics.MeanMetric()})
 
     def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
         return model(input_ids=batch, labels=batch).loss

@@ -7,6 +7,9 @@ the runs (seeds) of the group. When a model ran on two or more data sets, a seco
 each method's score averaged over the sets (the paper's "Avg." column). Writes summary.md,
 summary.json and loss_curves.png (training loss per method, mean over seeds, one panel per
 model and data set) beside the runs.
+
+The score is each run's headline score; ``--score accuracy_norm`` tabulates another score the
+runs recorded (``scores`` in metrics.json) into summary_accuracy_norm.md and .json instead.
 """
 
 from __future__ import annotations
@@ -24,10 +27,20 @@ from grass_lightning.methods import METHODS
 COLUMNS = ("score_before", "score", "step_time_s", "peak_memory_mb", "trainable_params_max")
 
 
-def _runs(root: Path) -> list[tuple[Path, dict]]:
+def _runs(root: Path, score: str | None = None) -> list[tuple[Path, dict]]:
+    """Every run under ``root``; with ``score``, that score stands in for the headline one."""
     runs = [(path, json.loads(path.read_text())) for path in sorted(root.rglob("metrics.json"))]
     if not runs:
         raise FileNotFoundError(f"No metrics.json under {root}.")
+    if score is None:
+        return runs
+    for path, run in runs:
+        recorded = run.get("scores") or {}
+        if score not in recorded:
+            raise ValueError(f"--score {score!r}: {path} records {sorted(recorded) or 'only its headline score'}; "
+                             f"gather the runs that record it, or leave --score out.")
+        run.update(score=recorded[score], score_name=score,
+                   score_before=None if run.get("scores_before") is None else run["scores_before"][score])
     return runs
 
 
@@ -36,10 +49,10 @@ def _order(key: tuple) -> tuple:
     return (*key[:-1], _rank(key[-1]), key[-1])
 
 
-def gather(root: Path) -> list[dict]:
+def gather(root: Path, score: str | None = None) -> list[dict]:
     """One row per (model, data, method), methods in the order of `METHODS`."""
     groups = defaultdict(list)
-    for _, run in _runs(root):
+    for _, run in _runs(root, score):
         groups[(run["model"], run["data"], run["method"])].append(run)
     rows = []
     for (model, data, method), runs in sorted(groups.items(), key=lambda kv: _order(kv[0])):
@@ -52,13 +65,13 @@ def gather(root: Path) -> list[dict]:
     return rows
 
 
-def averages(root: Path) -> list[dict]:
+def averages(root: Path, score: str | None = None) -> list[dict]:
     """Per (model, method), the score averaged over every data set the model ran on: the mean ±
     std over seeds of each seed's average. A seed counts only if it ran on every set, so a
     missing run never tilts the average; models run on a single set get no row."""
     scores = defaultdict(dict)  # (model, method) -> {(data, seed): score}
     sets = defaultdict(set)
-    for _, run in _runs(root):
+    for _, run in _runs(root, score):
         scores[(run["model"], run["method"])][(run["data"], run["seed"])] = run["score"]
         sets[run["model"]].add(run["data"])
     rows = []
@@ -144,11 +157,17 @@ def _rank(method: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder holding the runs (e.g. multirun/<date>/<time>)")
-    root = parser.parse_args(argv).root
-    rows, means = gather(root), averages(root)
+    parser.add_argument("--score", help="a score the runs recorded besides their headline one (e.g. accuracy_norm)")
+    args = parser.parse_args(argv)
+    root, score = args.root, args.score
+    try:
+        rows, means = gather(root, score), averages(root, score)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
     table = markdown(rows) + ("\n" + markdown_averages(means) if means else "")
-    (root / "summary.md").write_text(table)
-    (root / "summary.json").write_text(json.dumps({"runs": rows, "mean_over_sets": means}, indent=2) + "\n")
+    name = "summary" if score is None else f"summary_{score}"
+    (root / f"{name}.md").write_text(table)
+    (root / f"{name}.json").write_text(json.dumps({"runs": rows, "mean_over_sets": means}, indent=2) + "\n")
     print(table, end="")
     curves = loss_curves(root, root / "loss_curves.png")
     if curves is not None:

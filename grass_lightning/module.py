@@ -83,7 +83,7 @@ class GrassModule(LightningModule):
         self.automatic_optimization = False
         self.model = model.train()
         self.task = task
-        self.val_metric, self.test_metric = task.metric(), task.metric()
+        self.val_metrics, self.test_metrics = task.metrics().clone(prefix="val/"), task.metrics().clone(prefix="test/")
         self.nonfinite_steps = 0
         self._finite: torch.Tensor | None = None  # all losses of the current step's micro-batches finite
         self._grad_norm: torch.Tensor | None = None  # this step's total gradient norm, for clipping
@@ -144,13 +144,13 @@ class GrassModule(LightningModule):
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.task.update(self.val_metric, self.model, batch)
-        self.log(f"val/{self.task.score_name}", self.val_metric, prog_bar=True)
+        self.task.update(self.val_metrics, self.model, batch)
+        self.log_dict(self.val_metrics, prog_bar=True)
 
     @override
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.task.update(self.test_metric, self.model, batch)
-        self.log(f"test/{self.task.score_name}", self.test_metric)
+        self.task.update(self.test_metrics, self.model, batch)
+        self.log_dict(self.test_metrics)
 
     @override
     def configure_optimizers(self):

@@ -90,18 +90,21 @@ def train(cfg: DictConfig) -> float:
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = Trainer(**trainer_kwargs, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
 
-    score_key = f"test/{task.score_name}"
-    before = trainer.test(module, datamodule=datamodule, verbose=False)[0][score_key] if cfg.test_before else None
+    scores_before = _test_scores(trainer, module, datamodule) if cfg.test_before else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     checkpoints = trainer.checkpoint_callback
     if checkpoints is not None and checkpoints.dirpath:  # last.ckpt is the final state, whatever the cadence
         trainer.save_checkpoint(Path(checkpoints.dirpath) / "last.ckpt")
-    after = trainer.test(module, datamodule=datamodule, verbose=False)[0][score_key]
+    scores = _test_scores(trainer, module, datamodule)
+    after = scores[task.score_name]
+    before = None if scores_before is None else scores_before[task.score_name]
 
     metrics = {
         "score": after,
         "score_before": before,
         "score_name": task.score_name,
+        "scores": scores,
+        "scores_before": scores_before,
         "method": method.name,
         "model": spec.name,
         "data": data["source"],
@@ -121,7 +124,8 @@ def train(cfg: DictConfig) -> float:
         _write_json(out_dir / "metrics.json", metrics)
         print(f"\n{data['source']} test {task.score_name} ({len(splits.test)} examples): "
               f"{'' if before is None else f'before {before:.4f} -> '}after {after:.4f}  [{method.name}, {spec.name}, {trainer.global_step} steps]")
-        print(f"metrics: {out_dir / 'metrics.json'}")
+        others = ", ".join(f"{name} {value:.4f}" for name, value in scores.items() if name != task.score_name)
+        print(f"metrics: {out_dir / 'metrics.json'}" + (f" (also {others})" if others else ""))
         if method.callbacks and isinstance(trainer.logger, CSVLogger):
             heatmap = draw_heatmap(Path(trainer.logger.log_dir) / "metrics.csv", out_dir / "importance.png")
             if heatmap is not None:
@@ -152,6 +156,12 @@ def _check_block_strategy(strategy) -> None:
     if strategy.startswith("ddp") and not strategy.endswith("find_unused_parameters_true"):
         raise ValueError(f"trainer.strategy={strategy!r}: frozen blocks produce no gradients; use trainer=ddp "
                          f"(strategy ddp_find_unused_parameters_true).")
+
+
+def _test_scores(trainer: Trainer, module, datamodule) -> dict[str, float]:
+    """Every score the task computes on the test split, by name (``test/accuracy`` -> ``accuracy``)."""
+    logged = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    return {key.removeprefix("test/"): value for key, value in logged.items() if key.startswith("test/")}
 
 
 def _write_json(path: Path, payload: dict) -> None:

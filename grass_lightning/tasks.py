@@ -4,7 +4,9 @@
   of label names; accuracy.
 - `ChoiceScoring`: a causal LM learns prompt + right choice (loss on the choice tokens only) and
   is scored by multiple-choice log-likelihood: the choice whose tokens have the highest summed
-  log-probability after the prompt wins; accuracy.
+  log-probability after the prompt wins; accuracy. Also `accuracy_norm`, the same with each sum
+  divided by the choice's length in characters (lm-eval's ``acc_norm``): summed log-likelihood
+  favours short choices, which sinks sets whose right answers are long (OpenBookQA).
 - `AnswerGeneration`: a causal LM learns prompt + response (loss on the response) and is scored
   by greedy generation, exact match of the answer (of the final number for arithmetic).
 """
@@ -25,7 +27,8 @@ IGNORE = -100
 def task_class(kind: str, records: list[Record]) -> type:
     """The task for a model kind and the records' kind, or a clear error for a mismatch.
 
-    Every task is built as ``cls(tokenizer, max_length, records, max_new_tokens)``.
+    Every task is built as ``cls(tokenizer, max_length, records, max_new_tokens)``; its
+    ``metrics()`` are keyed by score name, ``score_name`` being the headline one.
     """
     if isinstance(records[0], Generation):
         if kind != "causal_lm":
@@ -63,14 +66,15 @@ class Classification:
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(**batch).loss
 
-    def metric(self) -> torchmetrics.Metric:
-        return torchmetrics.classification.MulticlassAccuracy(self.num_labels, average="micro")
+    def metrics(self) -> torchmetrics.MetricCollection:
+        return torchmetrics.MetricCollection(
+            {"accuracy": torchmetrics.classification.MulticlassAccuracy(self.num_labels, average="micro")})
 
     @torch.no_grad()
-    def update(self, metric: torchmetrics.Metric, model: nn.Module, batch: dict) -> None:
+    def update(self, metrics: torchmetrics.MetricCollection, model: nn.Module, batch: dict) -> None:
         labels = batch["labels"]
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        metric.update(logits.argmax(-1), labels)
+        metrics["accuracy"].update(logits.argmax(-1), labels)
 
 
 class _CausalLM:
@@ -127,10 +131,16 @@ class ChoiceScoring(_CausalLM):
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # each counts from 0, as unpadded
         batch["example"], batch["choice"] = torch.tensor(rows).T
         batch["target"] = torch.tensor([r.label for r in records])
+        batch["choice_chars"] = torch.ones(len(records), self.max_choices)  # 1 where absent: -inf stays -inf
+        for i, r in enumerate(records):
+            batch["choice_chars"][i, :len(r.choices)] = torch.tensor([len(" " + c) for c in r.choices], dtype=torch.float)
         return batch
 
-    def metric(self) -> torchmetrics.Metric:
-        return torchmetrics.classification.MulticlassAccuracy(self.max_choices, average="micro")
+    def metrics(self) -> torchmetrics.MetricCollection:
+        accuracy = torchmetrics.classification.MulticlassAccuracy(self.max_choices, average="micro")
+        # compute_groups off: the two accuracies have equal states at first and would be merged
+        return torchmetrics.MetricCollection({"accuracy": accuracy, "accuracy_norm": accuracy.clone()},
+                                             compute_groups=False)
 
     @torch.no_grad()
     def choice_scores(self, model: nn.Module, batch: dict) -> torch.Tensor:
@@ -148,8 +158,10 @@ class ChoiceScoring(_CausalLM):
         per_example[batch["example"], batch["choice"]] = (logp * scored).sum(-1)
         return per_example
 
-    def update(self, metric: torchmetrics.Metric, model: nn.Module, batch: dict) -> None:
-        metric.update(self.choice_scores(model, batch).argmax(-1), batch["target"])
+    def update(self, metrics: torchmetrics.MetricCollection, model: nn.Module, batch: dict) -> None:
+        scores = self.choice_scores(model, batch)
+        metrics["accuracy"].update(scores.argmax(-1), batch["target"])
+        metrics["accuracy_norm"].update((scores / batch["choice_chars"]).argmax(-1), batch["target"])
 
 
 class AnswerGeneration(_CausalLM):
@@ -173,17 +185,17 @@ class AnswerGeneration(_CausalLM):
             "answers": [r.answer for r in records],
         }
 
-    def metric(self) -> torchmetrics.Metric:
-        return torchmetrics.MeanMetric()
+    def metrics(self) -> torchmetrics.MetricCollection:
+        return torchmetrics.MetricCollection({"exact_match": torchmetrics.MeanMetric()})
 
     @torch.no_grad()
-    def update(self, metric: torchmetrics.Metric, model: nn.Module, batch: dict) -> None:
+    def update(self, metrics: torchmetrics.MetricCollection, model: nn.Module, batch: dict) -> None:
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              max_new_tokens=self.max_new_tokens, do_sample=False,
                              pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         hits = [self._matches(text, answer) for text, answer in zip(texts, batch["answers"])]
-        metric.update(torch.tensor(hits, dtype=torch.float32))
+        metrics["exact_match"].update(torch.tensor(hits, dtype=torch.float32))
 
     def _matches(self, text: str, answer: str) -> bool:
         if self.numeric:

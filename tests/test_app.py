@@ -42,6 +42,9 @@ def test_each_method_and_task_runs_and_writes_metrics(tmp_path, data_files, meth
     assert metrics["score"] == score and 0.0 <= score <= 1.0
     assert metrics["method"] == method and metrics["steps"] == 4
     assert metrics["score_name"] == ("exact_match" if data == "prompt" else "accuracy")
+    assert set(metrics["scores"]) == {"classification": {"accuracy"}, "choice": {"accuracy", "accuracy_norm"},
+                                      "prompt": {"exact_match"}}[data]
+    assert metrics["scores"][metrics["score_name"]] == score and set(metrics["scores_before"]) == set(metrics["scores"])
     assert metrics["step_time_s"] > 0 and metrics["peak_memory_mb"] > 0
     total = metrics["total_params"]
     if method == "full":

@@ -7,12 +7,13 @@ import pytest
 from grass_lightning.gather import averages, gather, loss_curves, main
 
 
-def _run(root, model, data, method, seed, score, losses=None):
+def _run(root, model, data, method, seed, score, losses=None, scores=None):
     folder = root / f"{model}-{data}-{method}-{seed}"
     (folder / "csv").mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({
         "model": model, "data": data, "method": method, "seed": seed, "score": score, "score_name": "accuracy",
-        "score_before": None, "step_time_s": 1.0, "peak_memory_mb": 100.0, "trainable_params_max": 10}))
+        "score_before": None, "step_time_s": 1.0, "peak_memory_mb": 100.0, "trainable_params_max": 10,
+        **({} if scores is None else {"scores": scores, "scores_before": {name: 0.25 for name in scores}})}))
     if losses is not None:
         (folder / "csv" / "metrics.csv").write_text(
             "epoch,step,train/loss\n" + "".join(f"0,{i},{loss}\n" for i, loss in enumerate(losses)))
@@ -62,3 +63,18 @@ def test_main_writes_both_tables(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["runs"]) == 2 and summary["mean_over_sets"][0]["sets"] == ["a", "b"]
     assert sum(line.startswith("|---|") for line in (tmp_path / "summary.md").read_text().splitlines()) == 2
+
+
+def test_another_recorded_score_is_tabulated_on_request_and_an_unrecorded_one_refused(tmp_path, capsys):
+    for seed, norm in enumerate([0.3, 0.5]):
+        _run(tmp_path, "m", "a", "grass", seed, 0.9, scores={"accuracy": 0.9, "accuracy_norm": norm})
+    (row,) = gather(tmp_path, score="accuracy_norm")
+    assert row["score_name"] == "accuracy_norm" and row["score"] == pytest.approx(0.4)
+    assert row["score_before"] == pytest.approx(0.25)
+    main([str(tmp_path), "--score", "accuracy_norm"])
+    assert "| m | a | grass | 2 | 0.250 ± 0.000 | 0.400 ± 0.141 |" in (tmp_path / "summary_accuracy_norm.md").read_text()
+    assert not (tmp_path / "summary.md").exists()  # the headline table is left alone
+    _run(tmp_path, "m", "a", "grass", 2, 0.9)  # an older run that recorded its headline score only
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--score", "accuracy_norm"])
+    assert "--score 'accuracy_norm'" in capsys.readouterr().err

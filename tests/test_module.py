@@ -44,10 +44,10 @@ class _PoisonedTokens:
     POISON = 63
     score_name = "loss"
 
-    def metric(self):
+    def metrics(self):
         import torchmetrics
 
-        return torchmetrics.MeanMetric()
+        return torchmetrics.MetricCollection({"loss": torchmetrics.MeanMetric()})
 
     def loss(self, model, batch):
         loss = model(input_ids=batch, labels=batch).loss

@@ -58,10 +58,24 @@ def test_choice_scores_equal_one_unpadded_sequence_at_a_time():
             logits = model(input_ids=torch.tensor([head + tail])).logits[0].log_softmax(-1)
             expected[i, j] = sum(logits[len(head) - 1 + k, t] for k, t in enumerate(tail))
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
-    metric = task.metric()
-    task.update(metric, model, batch)
-    assert metric.compute().item() == pytest.approx(
-        (expected.argmax(-1) == torch.tensor([r.label for r in records])).float().mean().item())
+    metrics = task.metrics()
+    task.update(metrics, model, batch)
+    target = torch.tensor([r.label for r in records])
+    chars = torch.tensor([[len(" " + c) for c in r.choices] + [1.0] * (3 - len(r.choices)) for r in records])
+    computed = metrics.compute()
+    assert computed["accuracy"].item() == pytest.approx((expected.argmax(-1) == target).float().mean().item())
+    assert computed["accuracy_norm"].item() == pytest.approx(
+        ((expected / chars).argmax(-1) == target).float().mean().item())
+
+
+def test_length_normalised_accuracy_can_pick_the_long_answer_that_the_sum_rejects():
+    task = ChoiceScoring(byte_tokenizer(), 64, [Choice("Q", ("ab", "abcdefgh"), 1)])
+    batch = task.collate_eval([Choice("Q", ("ab", "abcdefgh"), 1)])
+    metrics = task.metrics()
+    # summed log-likelihoods -3 (3 chars) vs -6 (9 chars): the sum picks the short one, per char the long one
+    task.choice_scores = lambda model, batch: torch.tensor([[-3.0, -6.0]])
+    task.update(metrics, None, batch)
+    assert {name: value.item() for name, value in metrics.compute().items()} == {"accuracy": 0.0, "accuracy_norm": 1.0}
 
 
 def test_final_number_and_exact_match():
