@@ -76,14 +76,15 @@ def averages(root: Path, score: str | None = None) -> list[dict]:
         sets[run["model"]].add(run["data"])
     rows = []
     for (model, method), by_run in sorted(scores.items(), key=lambda kv: _order(kv[0])):
-        per_seed = [statistics.mean(by_run[(data, seed)] for data in sets[model])
+        per_seed = {seed: statistics.mean(by_run[(data, seed)] for data in sets[model])
                     for seed in sorted({seed for _, seed in by_run})
-                    if all((data, seed) in by_run for data in sets[model])]
+                    if all((data, seed) in by_run for data in sets[model])}
         if len(sets[model]) < 2 or not per_seed:
             continue
+        means = list(per_seed.values())
         rows.append({"model": model, "method": method, "sets": sorted(sets[model]), "seeds": len(per_seed),
-                     "score": statistics.mean(per_seed),
-                     "score_std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0})
+                     "score": statistics.mean(means), "score_std": statistics.stdev(means) if len(means) > 1 else 0.0,
+                     "per_seed": per_seed})  # for comparing methods seed by seed (same data order)
     return rows
 
 

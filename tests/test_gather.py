@@ -39,6 +39,7 @@ def test_average_over_sets_is_per_seed_and_skips_incomplete_seeds(tmp_path):
     (row,) = averages(tmp_path)
     assert (row["model"], row["method"], row["seeds"], row["sets"]) == ("m", "grass", 2, ["a", "b"])
     assert row["score"] == pytest.approx(0.6) and row["score_std"] == pytest.approx(0.0)
+    assert row["per_seed"] == pytest.approx({0: 0.6, 1: 0.6})
 
 
 def test_loss_curves_draw_one_panel_per_data_set(tmp_path):
