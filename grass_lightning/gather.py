@@ -111,7 +111,7 @@ def markdown_averages(rows: list[dict]) -> str:
 def loss_curves(root: Path, out: Path, window: int = 10) -> Path | None:
     """Plot the training loss per method over steps, one panel per (model, data): the mean over a
     group's runs (seeds) of each run's ``csv/metrics.csv``, smoothed by a moving average of
-    ``window`` logged points."""
+    ``window`` logged points (see `smooth_losses`)."""
     curves = defaultdict(list)  # (model, data, method) -> runs' {step: loss}
     for path, run in _runs(root):
         logged = path.parent / "csv" / "metrics.csv"
@@ -136,11 +136,11 @@ def loss_curves(root: Path, out: Path, window: int = 10) -> Path | None:
                                            key=lambda kv: _order(kv[0])):
             steps = sorted(set.intersection(*(set(run) for run in runs)))
             mean = [statistics.mean(run[step] for run in runs) for step in steps]
-            smooth = [statistics.mean(mean[max(0, i - window + 1): i + 1]) for i in range(len(mean))]
+            width, smooth = smooth_losses(mean, window)
             ax.plot(steps, smooth, label=f"{method} ({len(runs)} runs)", color=f"C{_rank(method)}")  # same colour in every panel
         ax.set_title(f"{model} on {data}" if len(panels) > 1 else "")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"training loss (mean over seeds;\nmoving average of {window} logged values)")
+        ax.set_ylabel("training loss (mean over seeds" + (f";\nmoving average of {width} logged values)" if width > 1 else ")"))
         ax.legend()
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
@@ -148,6 +148,13 @@ def loss_curves(root: Path, out: Path, window: int = 10) -> Path | None:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def smooth_losses(values: list[float], window: int) -> tuple[int, list[float]]:
+    """Moving average over ``window`` values, or over a tenth of them if that is fewer: a short
+    run logs few losses, and averaging most of them would draw a cumulative mean, not a curve."""
+    width = max(1, min(window, len(values) // 10))
+    return width, [statistics.mean(values[max(0, i - width + 1): i + 1]) for i in range(len(values))]
 
 
 def _rank(method: str) -> int:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from grass_lightning.gather import averages, gather, loss_curves, main
+from grass_lightning.gather import averages, gather, loss_curves, main, smooth_losses
 
 
 def _run(root, model, data, method, seed, score, losses=None, scores=None):
@@ -79,3 +79,9 @@ def test_another_recorded_score_is_tabulated_on_request_and_an_unrecorded_one_re
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--score", "accuracy_norm"])
     assert "--score 'accuracy_norm'" in capsys.readouterr().err
+
+
+def test_few_logged_losses_are_drawn_as_logged_and_many_are_smoothed():
+    assert smooth_losses([4.0, 2.0, 0.0, 2.0], window=10) == (1, [4.0, 2.0, 0.0, 2.0])
+    width, smooth = smooth_losses([float(i % 2) for i in range(100)], window=10)
+    assert width == 10 and smooth[-1] == pytest.approx(0.5) and smooth[0] == 0.0
