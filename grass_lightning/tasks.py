@@ -123,17 +123,17 @@ class ChoiceScoring(_CausalLM):
         """Every (example, choice) pair as one sequence, padded on the left so that all choices end
         at the last position: scoring then needs logits for the last few positions only."""
         pairs, rows = [], []
+        chars = torch.ones(len(records), self.max_choices)  # 1 where absent: -inf stays -inf
         for i, r in enumerate(records):
             for j, choice in enumerate(r.choices):
                 pairs.append(self._encode(r.prompt, choice, eos=False))
                 rows.append((i, j))
+                chars[i, j] = len(" " + choice)  # the continuation as `_encode` writes it
         batch = self._pad(pairs, left=True)
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # each counts from 0, as unpadded
         batch["example"], batch["choice"] = torch.tensor(rows).T
         batch["target"] = torch.tensor([r.label for r in records])
-        batch["choice_chars"] = torch.ones(len(records), self.max_choices)  # 1 where absent: -inf stays -inf
-        for i, r in enumerate(records):
-            batch["choice_chars"][i, :len(r.choices)] = torch.tensor([len(" " + c) for c in r.choices], dtype=torch.float)
+        batch["choice_chars"] = chars
         return batch
 
     def metrics(self) -> torchmetrics.MetricCollection:
