@@ -26,11 +26,16 @@ def normalize(importance: torch.Tensor, how: str = "max") -> torch.Tensor:
     raise ValueError(f"normalization={how!r} is not one of {NORMALIZATIONS}.")
 
 
+def sampling_logits(importance: torch.Tensor, temperature: float, normalization: str = "max") -> torch.Tensor:
+    """normalize(m)_l / temperature: the log-probabilities of the draw, up to a constant."""
+    return normalize(importance, normalization) / temperature
+
+
 def sampling_probabilities(
     importance: torch.Tensor, temperature: float, normalization: str = "max"
 ) -> torch.Tensor:
     """p_l = softmax(normalize(m)_l / temperature)."""
-    return torch.softmax(normalize(importance, normalization) / temperature, dim=0)
+    return torch.softmax(sampling_logits(importance, temperature, normalization), dim=0)
 
 
 class BlockSampler:
@@ -44,12 +49,23 @@ class BlockSampler:
         self.num_active = num_active
         self.generator = torch.Generator().manual_seed(seed)
 
-    def draw(self, probabilities: torch.Tensor) -> list[int]:
-        """Sorted block indices drawn without replacement from ``probabilities``."""
-        picks = torch.multinomial(
-            probabilities.to(torch.float64), self.num_active, replacement=False, generator=self.generator
-        )
-        return sorted(picks.tolist())
+    def draw(self, logits: torch.Tensor) -> list[int]:
+        """Sorted block indices drawn without replacement from ``softmax(logits)``.
+
+        At very low temperatures the softmax underflows to exact zeros, and `torch.multinomial`
+        then fills the draw with zero-probability blocks. When fewer than ``num_active`` blocks
+        keep a positive probability, blocks are drawn one at a time from the softmax of the
+        remaining logits instead: the same distribution, without the underflow.
+        """
+        probabilities = torch.softmax(logits.to(torch.float64), dim=0)
+        if int((probabilities > 0).sum()) >= self.num_active:
+            picks = torch.multinomial(probabilities, self.num_active, replacement=False, generator=self.generator)
+            return sorted(picks.tolist())
+        remaining, picks = list(range(len(logits))), []
+        for _ in range(self.num_active):
+            rest = torch.softmax(logits.to(torch.float64)[remaining], dim=0)
+            picks.append(remaining.pop(int(torch.multinomial(rest, 1, generator=self.generator))))
+        return sorted(picks)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

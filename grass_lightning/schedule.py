@@ -10,7 +10,8 @@ One training step with a schedule, with or without Lightning::
         optimizer.step(); optimizer.zero_grad()
         schedule.end_step()           # maybe refresh importance, maybe draw a new active set
 
-Steps 0..probe_steps-1 measure every block and update nothing. Then, every
+Steps 0..probe_steps-1 measure every block and update nothing: they are not updates, so an
+LR schedule should not advance during them (`GrassCallback` holds it back). Then, every
 ``refresh_interval`` steps the importance estimate blends in the blocks measured since the
 last refresh, and every ``sampling_period`` steps a new active set is drawn (after the refresh
 when both fall on one step, so the draw sees the newest estimate).
@@ -29,7 +30,7 @@ from grass_lightning.config import GrassConfig
 from grass_lightning.importance import ImportanceEstimate, block_rms
 from grass_lightning.offload import MomentOffloader, check_offload
 from grass_lightning.probe import GradientProbe
-from grass_lightning.sampling import BlockSampler, sampling_probabilities
+from grass_lightning.sampling import BlockSampler, sampling_logits
 
 
 class GrassSchedule:
@@ -40,9 +41,11 @@ class GrassSchedule:
         optimizers: optimizers built over all of the model's parameters.
         config: validated hyper-parameters.
         seed: seed of the block sampler.
-        probe_by_hooks: read and free each gradient during backward while probing (low memory).
+        measure_in_backward: read each backward pass's gradients as they arrive (see
+            :mod:`grass_lightning.probe`), and free them at once while probing (low memory).
             False reads the finished gradients in `measure` instead, as needed when they are
-            all-reduced across processes or loss-scaled (fp16 AMP) during backward.
+            all-reduced across processes or loss-scaled (fp16 AMP) during backward; the probe
+            then holds every block's gradient until the step.
         offload: ``"none"``, or keep block moments in host memory: ``"park"`` (idle blocks') or
             ``"stream"`` (all blocks'), see :mod:`grass_lightning.offload`. Needs one optimizer.
     """
@@ -53,7 +56,7 @@ class GrassSchedule:
         optimizers: Sequence[Optimizer],
         config: GrassConfig,
         seed: int,
-        probe_by_hooks: bool = True,
+        measure_in_backward: bool = True,
         offload: str = "none",
     ) -> None:
         config.check_blocks(len(layout), layout.path)
@@ -66,11 +69,11 @@ class GrassSchedule:
         )
         self.importance = ImportanceEstimate(len(layout), config.ema)
         self.sampler = BlockSampler(config.num_active, seed)
-        self.probe_by_hooks = probe_by_hooks
+        self.measure_in_backward = measure_in_backward
         self.step = 0
         self.active: list[int] = []
         self.history: list[tuple[int, list[int]]] = []
-        self.probabilities = torch.full((len(layout),), 1.0 / len(layout), dtype=torch.float64)
+        self.logits = torch.zeros(len(layout), dtype=torch.float64)  # uniform until the probe ends
         self._blocks = [layout.block_params(i) for i in range(len(layout))]
         self._probe: GradientProbe | None = None
         self.offloader = MomentOffloader(self._blocks, optimizers[0], offload) if offload != "none" else None
@@ -80,38 +83,41 @@ class GrassSchedule:
     def probing(self) -> bool:
         return self.step < self.config.probe_steps
 
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """p_l, the chance of each block in the next draw."""
+        return torch.softmax(self.logits, dim=0)
+
     def start(self) -> None:
         """Apply the current phase to the model: begin probing, or (re)activate the active set."""
         if self.probing:
             self.active_set.probe()
-            if self.probe_by_hooks and self._probe is None:
-                self._probe = GradientProbe(self._blocks)
+            self._listen(range(len(self._blocks)), free=True)
+        elif not self.active:
+            self._draw()
         else:
-            self._remove_probe()  # a schedule loaded past its probe may have started probing
-            if not self.active:
-                self._draw()
-            self.active_set.activate(self.active)
+            self._activate()
 
     def before_backward(self) -> None:
-        """Announce a backward pass (a probe rescales accumulated micro-batches by their count)."""
+        """Announce a backward pass (readings of accumulated micro-batches are rescaled by their count)."""
         if self._probe is not None:
             self._probe.begin_backward()
 
     def measure(self) -> None:
         """Record r_l from this step's complete, unscaled gradients (before the optimizer step).
 
-        While probing this also drops every block gradient, so the step updates nothing.
+        While probing this also drops every block gradient, so the step updates nothing. A block
+        that received no gradient in the step (a skipped backward) stays unmeasured.
         """
         if self._probe is not None:
             self.importance.record(*self._probe.take())
         elif self.probing:
-            blocks = list(range(len(self._blocks)))
-            self.importance.record(blocks, self._rms(blocks))
+            self._record_finished(range(len(self._blocks)))
             for params in self._blocks:
                 for p in params:
                     p.grad = None
-        elif self.config.sampler == "grass":  # uniform (LISA) and static never use a new measurement
-            self.importance.record(self.active, self._rms(self.active))
+        elif self._refreshing:
+            self._record_finished(self.active)
 
     def end_step(self) -> bool:
         """Close an optimizer step; returns True when a new active set was drawn."""
@@ -119,11 +125,10 @@ class GrassSchedule:
         if self.probing:
             return False
         if self.step == self.config.probe_steps and self.config.probe_steps > 0:
-            self._remove_probe()
             self._refresh()
             return self._draw()
         trained = self.step - self.config.probe_steps
-        if self.config.sampler == "grass" and trained % self.config.refresh_interval == 0:
+        if self._refreshing and trained % self.config.refresh_interval == 0:
             self._refresh()
         if trained % self.config.sampling_period == 0:
             return self._draw()
@@ -137,8 +142,22 @@ class GrassSchedule:
         if self.offloader is not None:
             self.offloader.close()
 
-    def _rms(self, blocks: Sequence[int]) -> torch.Tensor:
-        return torch.stack([block_rms(self._blocks[i]) for i in blocks])
+    @property
+    def _refreshing(self) -> bool:
+        """Whether training steps are measured: uniform (LISA) and static never use a new measurement."""
+        return self.config.sampler == "grass"
+
+    def _record_finished(self, blocks: Sequence[int]) -> None:
+        """Record r_l of the finished gradients of those ``blocks`` that have any."""
+        blocks = [b for b in blocks if any(p.grad is not None for p in self._blocks[b])]
+        if blocks:
+            self.importance.record(blocks, torch.stack([block_rms(self._blocks[b]) for b in blocks]))
+
+    def _listen(self, blocks: Sequence[int], free: bool) -> None:
+        """Read the gradients of ``blocks`` in backward from now on (if this schedule does)."""
+        self._remove_probe()
+        if self.measure_in_backward:
+            self._probe = GradientProbe(self._blocks, list(blocks), free)
 
     def _remove_probe(self) -> None:
         if self._probe is not None:
@@ -148,15 +167,20 @@ class GrassSchedule:
     def _refresh(self) -> None:
         self.importance.refresh()
         if self.config.sampler != "uniform":
-            self.probabilities = sampling_probabilities(
-                self.importance.filled(), self.config.temperature, self.config.normalization
-            )
+            self.logits = sampling_logits(self.importance.filled(), self.config.temperature, self.config.normalization)
 
     def _draw(self) -> bool:
-        self.active = self.sampler.draw(self.probabilities)
+        self.active = self.sampler.draw(self.logits)
         self.history.append((self.step, list(self.active)))
-        self.active_set.activate(self.active)
+        self._activate()
         return True
+
+    def _activate(self) -> None:
+        self.active_set.activate(self.active)
+        if self._refreshing:
+            self._listen(self.active, free=False)
+        else:
+            self._remove_probe()
 
     def state_dict(self) -> dict:
         """Everything an exact resume needs, as plain types and tensors."""
@@ -164,7 +188,7 @@ class GrassSchedule:
             "step": self.step,
             "active": list(self.active),
             "history": [[step, list(active)] for step, active in self.history],
-            "probabilities": self.probabilities.clone(),
+            "logits": self.logits.clone(),
             "importance": self.importance.state_dict(),
             "sampler": self.sampler.state_dict(),
         }
@@ -173,6 +197,8 @@ class GrassSchedule:
         self.step = int(state["step"])
         self.active = [int(b) for b in state["active"]]
         self.history = [(int(step), [int(b) for b in active]) for step, active in state["history"]]
-        self.probabilities = state["probabilities"].clone().to(torch.float64)
+        # checkpoints written before logits were kept hold the probabilities
+        self.logits = state["logits"].clone() if "logits" in state else state["probabilities"].log()
+        self.logits = self.logits.to(torch.float64)
         self.importance.load_state_dict(state["importance"])
         self.sampler.load_state_dict(state["sampler"])

@@ -1,4 +1,5 @@
-"""Probing reads every block's gradient during backward and frees it at once."""
+"""Reading per-block gradient norms in backward: the probe frees each gradient at once, refreshes
+read the same quantity and leave the gradients for the step."""
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ def test_probe_reads_the_norms_that_backward_produced_and_frees_the_gradients():
     expected = torch.stack([block_rms(ps) for ps in _blocks(model)])
     model.zero_grad(set_to_none=True)
 
-    probe = GradientProbe(_blocks(model))
+    probe = GradientProbe(_blocks(model), range(4), free=True)
     probe.begin_backward()
     torch.nn.functional.mse_loss(model(x), y).backward()
     read, rms = probe.take()
@@ -38,7 +39,7 @@ def test_probe_holds_at_most_one_parameter_gradient_at_a_time():
         live.append(sum(p.grad.numel() for ps in _blocks(model) for p in ps if p.grad is not None))
 
     handles = [p.register_post_accumulate_grad_hook(count) for ps in _blocks(model) for p in ps]
-    probe = GradientProbe(_blocks(model))  # registered after: runs after `count` on each param
+    probe = GradientProbe(_blocks(model), range(4), free=True)  # registered after: runs after `count` on each param
     x, y = regression_batch(torch.Generator().manual_seed(0))
     torch.nn.functional.mse_loss(model(x), y).backward()
     assert max(live) <= largest
@@ -60,7 +61,7 @@ def test_accumulated_probe_rescales_each_pass_to_a_full_step():
     numel = torch.tensor([sum(p.numel() for p in ps) for ps in _blocks(model)], dtype=torch.float32)
     expected = (2 * (per_pass[0] + per_pass[1]) / numel).sqrt()
 
-    probe = GradientProbe(_blocks(model))
+    probe = GradientProbe(_blocks(model), range(4), free=True)
     for x, y in batches:
         probe.begin_backward()
         (torch.nn.functional.mse_loss(model(x), y) / 2).backward()
@@ -80,10 +81,47 @@ def test_accumulated_probe_rescales_each_pass_to_a_full_step():
 
 def test_removed_probe_leaves_gradients_alone():
     model = ScaledBlocks()
-    probe = GradientProbe(_blocks(model))
+    probe = GradientProbe(_blocks(model), range(4), free=True)
     probe.remove()
     x, y = regression_batch(torch.Generator().manual_seed(0))
     torch.nn.functional.mse_loss(model(x), y).backward()
     assert all(p.grad is not None for ps in _blocks(model) for p in ps)
     read, _ = probe.take()
     assert read == []
+
+
+def test_training_reads_measure_what_the_probe_measures_and_keep_the_gradients():
+    """Under accumulation the probe cannot read the accumulated gradient without holding it, so a
+    refresh reads the same per-pass estimate: same data, same weights, same numbers."""
+    model = ScaledBlocks()
+    g = torch.Generator().manual_seed(0)
+    batches = [regression_batch(g, n=4) for _ in range(3)]
+
+    def read(free, indices):
+        probe = GradientProbe(_blocks(model), indices, free=free)
+        for x, y in batches:
+            probe.begin_backward()
+            (torch.nn.functional.mse_loss(model(x), y) / 3).backward()
+        read, rms = probe.take()
+        probe.remove()
+        return read, rms
+
+    probed = read(True, range(4))
+    for p in model.body.layers[0].parameters():
+        p.requires_grad_(False)  # a frozen block, as in training
+    model.zero_grad(set_to_none=True)
+    trained = read(False, [1, 3])
+    assert trained[0] == [1, 3]
+    assert trained[1].tolist() == pytest.approx(probed[1][[1, 3]].tolist(), rel=1e-6)
+    accumulated = torch.stack([block_rms(list(model.body.layers[i].parameters())) for i in (1, 3)])
+    assert accumulated.gt(0).all()  # the gradients stay for the optimizer step
+    assert not torch.allclose(accumulated, trained[1], rtol=0.01)  # micro-batch noise: not the accumulated RMS
+
+
+def test_a_block_without_gradient_is_not_read():
+    model = ScaledBlocks()
+    probe = GradientProbe(_blocks(model), range(4), free=False)
+    probe.begin_backward()  # a skipped backward: nothing arrives
+    read, rms = probe.take()
+    assert read == [] and rms.numel() == 0
+    probe.remove()

@@ -27,12 +27,13 @@ def _run(model, schedule, optimizer, steps, seed=0, on_step=None):
         yield active, probing, changed
 
 
-def _make(seed=0, **config):
+def _make(seed=0, measure_in_backward=True, **config):
     torch.manual_seed(0)
     model = ScaledBlocks()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     defaults = dict(num_active=1, sampling_period=2, refresh_interval=2, probe_steps=3)
-    schedule = GrassSchedule(find_blocks(model, "body.layers"), [optimizer], GrassConfig(**{**defaults, **config}), seed)
+    schedule = GrassSchedule(find_blocks(model, "body.layers"), [optimizer], GrassConfig(**{**defaults, **config}), seed,
+                             measure_in_backward=measure_in_backward)
     schedule.start()
     return model, optimizer, schedule
 
@@ -201,7 +202,9 @@ def test_state_dict_round_trip_resumes_exactly():
 
 
 def test_a_step_with_nonfinite_gradients_is_skipped_and_counted():
-    model, optimizer, schedule = _make(num_active=4, sampling_period=1, refresh_interval=1, probe_steps=2)
+    # finished gradients (as under DDP or fp16), poisoned after backward in two blocks
+    model, optimizer, schedule = _make(num_active=4, sampling_period=1, refresh_interval=1, probe_steps=2,
+                                       measure_in_backward=False)
     list(_run(model, schedule, optimizer, 5))
     before = schedule.importance.estimate.clone()
 
@@ -216,3 +219,42 @@ def test_a_step_with_nonfinite_gradients_is_skipped_and_counted():
     assert torch.isfinite(after).all() and torch.isfinite(schedule.probabilities).all()
     assert after[1] == before[1] and after[2] == before[2]  # poisoned blocks keep their estimate
     assert after[0] != before[0] and after[3] != before[3]
+
+
+def test_a_nonfinite_reading_in_backward_is_skipped_and_counted():
+    model, optimizer, schedule = _make(num_active=4, sampling_period=1, refresh_interval=1, probe_steps=2)
+    list(_run(model, schedule, optimizer, 5))
+    before = schedule.importance.estimate.clone()
+    x, y = regression_batch(torch.Generator().manual_seed(0))
+    schedule.before_backward()
+    nn.functional.mse_loss(model(x), y * float("nan")).backward()
+    schedule.measure()
+    optimizer.zero_grad()
+    schedule.end_step()
+    assert int(schedule.importance.nonfinite) == 4
+    assert torch.equal(schedule.importance.estimate, before) and torch.isfinite(schedule.probabilities).all()
+
+
+@pytest.mark.parametrize("measure_in_backward", [True, False], ids=["in-backward", "finished"])
+def test_a_step_without_backward_leaves_the_active_blocks_unmeasured(measure_in_backward):
+    """A skipped batch (training_step returned None) is no evidence of a zero gradient."""
+    model, optimizer, schedule = _make(num_active=2, sampling_period=100, refresh_interval=1, probe_steps=1,
+                                       measure_in_backward=measure_in_backward)
+    list(_run(model, schedule, optimizer, 3))
+    before = schedule.importance.estimate.clone()
+    schedule.measure()  # the optimizer step fires with no backward and no gradients
+    optimizer.step()
+    schedule.end_step()
+    assert torch.equal(schedule.importance.estimate, before)
+
+
+@pytest.mark.parametrize("measure_in_backward", [True, False], ids=["in-backward", "finished"])
+def test_a_block_without_gradient_in_the_probe_stays_unmeasured_on_every_path(measure_in_backward):
+    """One rule on one device and under DDP/fp16: no gradient means not measured (NaN), which
+    `filled` ranks with the best known block, never a zero that starves it."""
+    model, optimizer, schedule = _make(num_active=1, probe_steps=2, measure_in_backward=measure_in_backward)
+    for p in model.body.layers[2].parameters():
+        p.requires_grad_(False)  # e.g. a block that the loss does not reach
+    list(_run(model, schedule, optimizer, 2))
+    estimate = schedule.importance.estimate
+    assert estimate[2].isnan() and not estimate[[0, 1, 3]].isnan().any()
