@@ -84,9 +84,8 @@ class MomentOffloader:
         self.optimizer = optimizer
         self.mode = mode
         self.device = self.blocks[0][0].device
-        cuda = self.device.type == "cuda"
-        self._side = torch.cuda.Stream(self.device) if cuda else None
-        self._pin = cuda
+        self._copies = CopyStream(self.device)
+        self._pin = self.device.type == "cuda"
         self.active: list[int] = []
         self._slots: dict[int, list[_Slot]] = {}
         self._host: dict[int, torch.Tensor] = {}
@@ -108,7 +107,7 @@ class MomentOffloader:
         Runs at construction and after ``optimizer.load_state_dict`` (which builds new state
         tensors on the parameters' device; Lightning then moves them there again, a no-op).
         """
-        self._sync()
+        self._copies.synchronize()
         self._slots.clear()
         self._resident.clear()
         for block in range(len(self.blocks)):
@@ -126,7 +125,13 @@ class MomentOffloader:
             self._upload(block)
 
     def forget(self, block: int) -> None:
-        """The optimizer dropped this block's moments (``idle_moments="drop"``): drop the host copy too."""
+        """The optimizer dropped this block's moments (``idle_moments="drop"``): drop the host copy too.
+
+        An upload into them may still be in flight (stream mode prefetches the next step's first
+        block, and the draw may then drop it): the compute stream waits for it before the memory
+        goes back to the allocator, which would otherwise hand it out while the copy writes.
+        """
+        self._wait(block)
         self._resident.pop(block, None)
         self._slots.pop(block, None)
         self._host.pop(block, None)
@@ -144,7 +149,7 @@ class MomentOffloader:
         tensors (Lightning moves all state to the CPU at teardown; pinned buffers are freed)."""
         if not self._handles:
             return
-        self._sync()
+        self._copies.synchronize()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -246,11 +251,10 @@ class MomentOffloader:
         """Write a resident block's moments to host memory and free their device storage."""
         self._resident.pop(block, None)
         slots = self._index(block)  # the step may just have created them
-        with self._on_side():
+        with self._copies.side():
             for slot in slots:
                 self._host_view(block, slot).copy_(slot.tensor, non_blocking=True)
-                if self._side is not None:
-                    slot.tensor.record_stream(self._side)  # the allocator waits for the copy before reuse
+                self._copies.protect(slot.tensor)  # the allocator waits for the copy before reuse
                 slot.tensor.untyped_storage().resize_(0)
 
     def _upload(self, block: int) -> None:
@@ -262,34 +266,20 @@ class MomentOffloader:
         self._resident[block] = None
         for slot in slots:  # allocated on the compute stream, which will use them
             slot.tensor.untyped_storage().resize_(slot.nbytes)
-        with self._on_side():
+        with self._copies.side():
             for slot in slots:
                 slot.tensor.copy_(self._host_view(block, slot), non_blocking=True)
-            self._resident[block] = self._side.record_event() if self._side is not None else None
+            self._resident[block] = self._copies.record()
 
     def _wait(self, block: int) -> None:
         event = self._resident.get(block)
         if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+            self._copies.wait(event)
             self._resident[block] = None
-
-    @contextlib.contextmanager
-    def _on_side(self):
-        """Copies on the side stream, after the work already queued on the compute stream."""
-        if self._side is None:
-            yield
-            return
-        self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._side):
-            yield
-
-    def _sync(self) -> None:
-        if self._side is not None:
-            self._side.synchronize()
 
     def _state_dict(self, optimizer: Optimizer, state_dict: dict) -> dict:
         """Serve parked moments from their host buffers: their device tensors hold no storage."""
-        self._sync()
+        self._copies.synchronize()
         index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
         for block, slots in self._slots.items():
             if block in self._resident:
@@ -298,3 +288,42 @@ class MomentOffloader:
                 i = index[id(slot.param)]
                 state_dict["state"][i] = {**state_dict["state"][i], slot.key: self._host_view(block, slot)}
         return state_dict
+
+
+class CopyStream:
+    """Where the offloader's copies run: a side CUDA stream ordered by events, or inline on CPU.
+
+    Every stream operation of the offloader goes through here, so its ordering can be checked
+    without a GPU (tests substitute a recording stand-in).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def side(self):
+        """Copies on the side stream, after the work already queued on the compute stream."""
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def record(self) -> torch.cuda.Event | None:
+        """An event marking the copies queued so far (None on CPU: they are done)."""
+        return self.stream.record_event() if self.stream is not None else None
+
+    def wait(self, event: torch.cuda.Event) -> None:
+        """Make the compute stream wait for ``event``."""
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+    def protect(self, tensor: torch.Tensor) -> None:
+        """Keep ``tensor``'s memory from reuse until the side stream's queued copies are done."""
+        if self.stream is not None:
+            tensor.record_stream(self.stream)
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()

@@ -2,6 +2,7 @@
 allowed blocks' moments allocated on the device, checkpoints that load with or without it."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from conftest import ScaledBlocks, regression_batch
 from grass_lightning import GrassConfig, GrassSchedule, find_blocks
-from grass_lightning.offload import MomentOffloader
+from grass_lightning.offload import CopyStream, MomentOffloader
 
 CONFIG = dict(num_active=2, sampling_period=3, refresh_interval=3, probe_steps=2, idle_moments="keep")
 
@@ -157,6 +158,51 @@ def test_stream_with_drop_bounds_host_and_device_memory_by_the_active_set():
     assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), model.parameters()))
     largest = max(sum(p.numel() * 4 * 2 for p in b.parameters()) for b in model.body.layers)
     assert 0 < schedule.offloader.host_bytes() <= 2 * (largest + 2 * 64)  # the active blocks' only (+ alignment)
+
+
+class _RecordingCopies(CopyStream):
+    """Stands in for the side CUDA stream on CPU: numbers the events it records and logs what the
+    compute stream is made to wait for (the copies themselves run inline)."""
+
+    def __init__(self, log: list) -> None:
+        super().__init__(torch.device("cpu"))
+        self.log, self.events = log, 0
+
+    def record(self):
+        self.events += 1
+        return self.events
+
+    def wait(self, event) -> None:
+        self.log.append(("wait", event))
+
+
+def test_stream_with_drop_waits_for_a_prefetch_before_releasing_its_memory():
+    """Stream mode prefetches the next step's first block at the end of a step; when the draw that
+    follows drops that block, its device memory goes back to the allocator. The compute stream
+    must wait for the prefetch first, or the next forward pass can be handed memory that the copy
+    is still writing (a CUDA race)."""
+    model, optimizer, schedule = _make("stream", idle_moments="drop", num_active=1, sampling_period=1,
+                                       sampler="uniform", probe_steps=0)
+    log = []
+    offloader = schedule.offloader
+    offloader._copies = _RecordingCopies(log)
+    g = torch.Generator().manual_seed(0)
+    dropped = 0
+    for _ in range(30):
+        x, y = regression_batch(g)
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        first = schedule.active[0]
+        prefetch = offloader._resident.get(first)  # the upload started for the next step, still "in flight"
+        for slot in offloader._slots.get(first, []):
+            weakref.finalize(slot.tensor, log.append, ("release", first, prefetch))
+        schedule.end_step()
+        if first not in schedule.active and prefetch is not None:
+            dropped += 1
+            released = log.index(("release", first, prefetch))
+            assert ("wait", prefetch) in log[:released], log[-6:]
+    assert dropped >= 5
 
 
 def test_close_gives_the_optimizer_its_moments_back_as_host_tensors():
