@@ -107,7 +107,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     if spec.kind != "causal_lm":
         raise ValueError(f"--model {args.model}: the benchmark trains causal LMs; {spec.name} is a {spec.kind}.")
     probe = config.get("probe_steps", 0)  # none for LISA: GrassConfig refuses probe steps with uniform sampling
-    skip = 2 + probe
+    skip = 2 + probe  # GrassCallback runs the probe steps before max_steps updates
     seed_everything(0)
     model, _ = load_model(spec, resolve_model_path(spec))
     model = built.prepare(model, spec.kind)
@@ -119,7 +119,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     tokens = torch.randint(0, vocab, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
     stats, state = RunStats(warmup_steps=skip), _Footprint(len(find_blocks(model)))
     strategy = offload_strategy("auto", built.offload) if built.offload != "none" else "auto"
-    trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps, strategy=strategy,
+    trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps - probe, strategy=strategy,
                       callbacks=[*built.callbacks, stats, state], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=args.batch_size))

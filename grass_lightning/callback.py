@@ -7,16 +7,27 @@ Example::
     trainer = Trainer(callbacks=[GrassCallback(num_active=2, sampling_period=50)])
     trainer.fit(model)  # model.configure_optimizers builds AdamW over all parameters
 
-Per optimizer step: ``on_before_backward`` counts backward passes for a probing schedule;
-``on_before_optimizer_step`` (gradients complete, accumulated and unscaled) measures
-importance; ``on_train_batch_end`` (after the optimizer step) refreshes importance, draws the
-next active set and logs. Works under automatic and manual optimization. Under an offloading
-strategy (:mod:`grass_lightning.strategy`) it builds the run's moment offloader.
+Per optimizer step: ``on_before_backward`` counts backward passes (gradients are read in
+backward, one pass at a time); ``on_before_optimizer_step`` (gradients complete, accumulated
+and unscaled) records importance; ``on_train_batch_end`` (after the optimizer step) refreshes
+importance, draws the next active set and logs. Works under automatic and manual optimization.
+Under an offloading strategy (:mod:`grass_lightning.strategy`) it builds the run's moment
+offloader.
+
+Probe steps are optimizer steps to Lightning (``global_step`` counts them) but not updates: the
+callback extends ``max_steps`` by ``probe_steps`` for the fit, so ``max_steps`` counts updates
+as it does for LISA or full fine-tuning, and it holds the LR schedulers where they were during
+the probe, so the first update runs at the schedule's first learning rate (its warm-up intact).
+When fit ends or raises, the model gets back its ``requires_grad`` flags, no hooks stay on it,
+parked moments return to the optimizer, and the Trainer gets back its ``max_steps``.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -67,7 +78,8 @@ class GrassCallback(Callback):
             ``num_active`` above the number of blocks.
         MisconfigurationException: in ``setup``, for DeepSpeed/FSDP/model-parallel strategies,
             for DDP without ``find_unused_parameters=True``, and for a park-mode offloading
-            strategy with ``idle_moments="drop"``.
+            strategy with ``idle_moments="drop"``; at fit start, for fp16 loss scaling with an
+            optimizer that unscales inside its step (``AdamW(fused=True)``).
     """
 
     def __init__(
@@ -108,6 +120,8 @@ class GrassCallback(Callback):
         self.schedule: GrassSchedule | None = None
         self._saved_state: dict | None = None
         self._stepped = False
+        self._user_max_steps: int | None = None  # the Trainer's, given back when fit ends
+        self._lr_before_probe: list[tuple[dict, list[float]]] | None = None
 
     @property
     @override
@@ -137,21 +151,34 @@ class GrassCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        scaler = loss_scaler(trainer)
+        if scaler is not None and any(_optimizer_handles_unscaling(opt) for opt in trainer.optimizers):
+            raise MisconfigurationException(
+                "GrassCallback with fp16 loss scaling and an optimizer that unscales inside its step "
+                "(e.g. AdamW(fused=True)): Lightning leaves such gradients scaled until the step, so "
+                "importance would read them scaled. Use fused=False, or precision='bf16-mixed'."
+            )
         layout = find_blocks(pl_module, self.blocks)
         seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
-        # Probe hooks see gradients before DDP all-reduces them and before AMP unscales them.
-        probe_by_hooks = trainer.world_size == 1 and loss_scaler(trainer) is None
+        # Hooks in backward see gradients before DDP all-reduces them and before AMP unscales them.
+        measure_in_backward = trainer.world_size == 1 and scaler is None
         strategy = trainer.strategy
         offload = strategy.offload if isinstance(strategy, OffloadingStrategy) else "none"
-        self.schedule = GrassSchedule(layout, trainer.optimizers, self.config, seed, probe_by_hooks, offload)
+        self.schedule = GrassSchedule(layout, trainer.optimizers, self.config, seed, measure_in_backward, offload)
         if self.schedule.offloader is not None:
             strategy.connect_offloader(self.schedule.offloader)
         if self._saved_state is not None:
             self.schedule.load_state_dict(self._saved_state)
         self.schedule.start()
+        self._lr_before_probe = None
+        if trainer.max_steps >= 0 and self.config.probe_steps:
+            self._user_max_steps = trainer.max_steps
+            trainer.fit_loop.epoch_loop.max_steps = trainer.max_steps + self.config.probe_steps
         rank_zero_info(
             f"GRASS: {len(layout)} blocks at {layout.path!r}, training {self.config.num_active} at a time "
             f"(sampler={self.config.sampler!r}, probe_steps={self.config.probe_steps}, offload={offload!r})."
+            + (f" The {self.config.probe_steps} probe steps come before the {self._user_max_steps} updates: "
+               f"training ends at global step {trainer.max_steps}." if self._user_max_steps is not None else "")
         )
         if layout.tied() and self.config.train_embeddings != self.config.train_head:
             rank_zero_info(
@@ -179,19 +206,48 @@ class GrassCallback(Callback):
             self._stepped = True
 
     @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        if self.schedule is not None and self.schedule.probing and self._lr_before_probe is None:
+            self._lr_before_probe = [
+                (copy.deepcopy(config.scheduler.state_dict()), [g["lr"] for g in config.scheduler.optimizer.param_groups])
+                for config in trainer.lr_scheduler_configs
+            ]
+
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if self.schedule is None or not self._stepped:
             return  # a micro-batch inside gradient accumulation
         self._stepped = False
+        probing, trained = self.schedule.probing, [] if self.schedule.probing else list(self.schedule.active)
+        if probing:
+            self._hold_lr(trainer)
         self.schedule.end_step()
-        self._log(pl_module)
+        self._log(pl_module, probing, trained)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._uninstall(trainer)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._uninstall(trainer)
+
+    def _uninstall(self, trainer: Trainer) -> None:
+        """Leave the model and Trainer as the user had them; keep the schedule's state for `state_dict`."""
         if self.schedule is not None:
             self._saved_state = self.schedule.state_dict()
             self.schedule.close()
             self.schedule = None
+        if self._user_max_steps is not None:
+            trainer.fit_loop.epoch_loop.max_steps = self._user_max_steps
+            self._user_max_steps = None
+
+    def _hold_lr(self, trainer: Trainer) -> None:
+        """Undo what LR schedulers did in a probe step (Lightning or the module stepped them by now)."""
+        for config, (state, lrs) in zip(trainer.lr_scheduler_configs, self._lr_before_probe or []):
+            config.scheduler.load_state_dict(copy.deepcopy(state))
+            for group, lr in zip(config.scheduler.optimizer.param_groups, lrs):
+                group["lr"] = lr
 
     @override
     def state_dict(self) -> dict:
@@ -204,20 +260,23 @@ class GrassCallback(Callback):
             self.schedule.load_state_dict(state_dict)
             self.schedule.start()
 
-    def _log(self, pl_module: LightningModule) -> None:
+    def _log(self, pl_module: LightningModule, probing: bool, trained: list[int]) -> None:
+        """Log the step just taken: whether it probed and which blocks it trained; the importance
+        and probabilities as they stand after it (refreshed, ready for the next draw)."""
         schedule = self.schedule
         importance = schedule.importance.estimate
-        metrics = {"grass/probing": float(schedule.probing), "grass/nonfinite": schedule.importance.nonfinite.float()}
+        probabilities = schedule.probabilities
+        metrics = {"grass/probing": float(probing), "grass/nonfinite": schedule.importance.nonfinite.float()}
         for block in range(len(importance)):
             metrics[f"grass/importance/{block:02d}"] = importance[block].item()
-            metrics[f"grass/probability/{block:02d}"] = schedule.probabilities[block].item()
-            metrics[f"grass/active/{block:02d}"] = float(block in schedule.active and not schedule.probing)
+            metrics[f"grass/probability/{block:02d}"] = probabilities[block].item()
+            metrics[f"grass/active/{block:02d}"] = float(block in trained)
         if schedule.offloader is not None:
             metrics["grass/moments_device_mb"] = schedule.offloader.device_bytes() / 2**20
             metrics["grass/moments_host_mb"] = schedule.offloader.host_bytes() / 2**20
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-        if not schedule.probing:
-            bar = {f"{ACTIVE_SLOT}{slot}": float(block) for slot, block in enumerate(schedule.active)}
+        if trained:
+            bar = {f"{ACTIVE_SLOT}{slot}": float(block) for slot, block in enumerate(trained)}
             pl_module.log_dict(bar, on_step=True, on_epoch=False, prog_bar=True, logger=False)
 
 

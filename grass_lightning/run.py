@@ -98,6 +98,8 @@ def train(cfg: DictConfig) -> float:
     scores = _test_scores(trainer, module, datamodule)
     after = scores[task.score_name]
     before = None if scores_before is None else scores_before[task.score_name]
+    # probe steps are optimizer steps to Lightning (global_step) but update nothing; max_steps counts updates
+    probe_steps = min(sum(c.config.probe_steps for c in method.callbacks), trainer.global_step)
 
     metrics = {
         "score": after,
@@ -110,6 +112,8 @@ def train(cfg: DictConfig) -> float:
         "data": data["source"],
         "seed": cfg.seed,
         "steps": trainer.global_step,
+        "updates": trainer.global_step - probe_steps,
+        "probe_steps": probe_steps,
         "nonfinite_steps": module.nonfinite_steps,
         "step_time_s": stats.step_time_s(),
         "peak_memory_mb": peak_memory_mb(module.device),
@@ -123,7 +127,8 @@ def train(cfg: DictConfig) -> float:
     if trainer.is_global_zero:
         _write_json(out_dir / "metrics.json", metrics)
         print(f"\n{data['source']} test {task.score_name} ({len(splits.test)} examples): "
-              f"{'' if before is None else f'before {before:.4f} -> '}after {after:.4f}  [{method.name}, {spec.name}, {trainer.global_step} steps]")
+              f"{'' if before is None else f'before {before:.4f} -> '}after {after:.4f}  [{method.name}, {spec.name}, "
+              f"{trainer.global_step - probe_steps} updates{f' after {probe_steps} probe steps' if probe_steps else ''}]")
         others = ", ".join(f"{name} {value:.4f}" for name, value in scores.items() if name != task.score_name)
         print(f"metrics: {out_dir / 'metrics.json'}" + (f" (also {others})" if others else ""))
         if method.callbacks and isinstance(trainer.logger, CSVLogger):

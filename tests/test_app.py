@@ -40,7 +40,8 @@ def test_each_method_and_task_runs_and_writes_metrics(tmp_path, data_files, meth
     metrics = json.loads((out / "metrics.json").read_text())
     assert REQUIRED <= set(metrics)
     assert metrics["score"] == score and 0.0 <= score <= 1.0
-    assert metrics["method"] == method and metrics["steps"] == 4
+    assert metrics["method"] == method and metrics["updates"] == 4  # max_steps counts updates for every method
+    assert metrics["steps"] == 4 + metrics["probe_steps"] and metrics["probe_steps"] == (1 if method == "grass" else 0)
     assert metrics["score_name"] == ("exact_match" if data == "prompt" else "accuracy")
     assert set(metrics["scores"]) == {"classification": {"accuracy"}, "choice": {"accuracy", "accuracy_norm"},
                                       "prompt": {"exact_match"}}[data]
@@ -90,7 +91,7 @@ def test_resume_from_a_mid_run_checkpoint_continues_at_the_right_step_with_the_s
     assert saved["global_step"] == 3
     resumed = tmp_path / "resumed"
     run.train(compose_run(resumed, *common, f"ckpt_path={checkpoint}"))
-    assert json.loads((resumed / "metrics.json").read_text())["steps"] == 8
+    assert json.loads((resumed / "metrics.json").read_text())["steps"] == 9  # 8 updates after 1 probe step
     before, after = _active_by_step(first / "csv" / "metrics.csv"), _active_by_step(resumed / "csv" / "metrics.csv")
     assert min(after) == 3  # the resumed run's first logged step is the checkpoint's
     grass_state = next(v for k, v in saved["callbacks"].items() if k.startswith("GrassCallback"))
@@ -192,7 +193,7 @@ def test_heat_map_of_a_run_without_importance_is_skipped(tmp_path):
     ["method.offload=park", "method.idle_moments=keep", "method.probe_steps=4"], ["method.offload=stream", "method.probe_steps=4"],
 ], ids=["grass", "lisa", "grass-park", "grass-stream"])
 def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_files, method):
-    """8 steps straight equal 3 steps + checkpoint + resume to 8, mid-epoch and mid-probe included."""
+    """8 updates straight equal 3 steps + checkpoint + resume, mid-epoch and mid-probe included."""
     common = [*method, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", "trainer.max_steps=8",
               "method.sampling_period=3", "method.refresh_interval=2",
               "callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.save_top_k=-1",
@@ -203,7 +204,8 @@ def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, dat
     run.train(compose_run(resumed, *common, f"ckpt_path={first / 'checkpoints' / 'step3.ckpt'}"))
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 8
+    probe = 0 if method == ["method=lisa"] else 4
+    assert a["global_step"] == b["global_step"] == 8 + probe  # max_steps counts updates; the probe comes first
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
@@ -220,7 +222,7 @@ def test_offloaded_run_logs_where_the_moments_are(tmp_path, data_files):
     rows = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").open()) if r.get("grass/moments_host_mb")]
     assert rows and float(rows[-1]["grass/moments_host_mb"]) > 0
     assert float(rows[-1]["grass/moments_device_mb"]) < float(rows[-1]["grass/moments_host_mb"])
-    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 4
+    assert json.loads((tmp_path / "metrics.json").read_text())["updates"] == 4
 
 
 def test_a_failing_sweep_member_does_not_stop_the_others(tmp_path):
@@ -232,4 +234,4 @@ def test_a_failing_sweep_member_does_not_stop_the_others(tmp_path):
     done = subprocess.run(command, cwd=CONF.parent, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "method.num_active=0 must be an integer >= 1" in done.stderr
     assert not (sweep / "0" / "metrics.json").exists()  # the bad job leaves nothing misleading
-    assert json.loads((sweep / "1" / "metrics.json").read_text())["steps"] == 2
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["updates"] == 2

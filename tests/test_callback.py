@@ -49,10 +49,12 @@ def _changed_blocks(names, path):
 def test_only_active_blocks_and_head_train_in_hugging_face_models(family):
     grass = GrassCallback(num_active=2, sampling_period=3, refresh_interval=3, probe_steps=2, seed=0)
     spy = Spy(grass)
-    quiet_trainer(max_steps=11, callbacks=[grass, spy]).fit(HFModule(family), token_loader())
+    trainer = quiet_trainer(max_steps=9, callbacks=[grass, spy])
+    trainer.fit(HFModule(family), token_loader())
     path = "model." + {"llama": "model.layers", "gpt2": "transformer.h", "opt": "model.decoder.layers",
                        "bert": "bert.encoder.layer", "gpt_neox": "gpt_neox.layers"}[family]
-    assert [s["probing"] for s in spy.steps] == [True, True] + [False] * 9
+    assert [s["probing"] for s in spy.steps] == [True, True] + [False] * 9  # max_steps counts updates
+    assert trainer.global_step == 11 and trainer.max_steps == 9  # the probe steps on top; max_steps given back
     for step in spy.steps:
         if step["probing"]:
             assert step["changed"] == set()  # probing updates nothing
@@ -75,27 +77,57 @@ def test_plain_module_with_explicit_blocks_path():
     assert trained == {0, 1, 2, 3}  # uniform visits every block
 
 
-def test_importance_is_the_norm_of_the_accumulated_gradient():
+def test_importance_is_the_gradient_rms_without_accumulation():
     # refresh every step with ema=1: the estimate of each active block is that step's r_l
     grass = GrassCallback(num_active=2, sampling_period=4, refresh_interval=1, ema=1.0, probe_steps=1, seed=0)
     spy = Spy(grass)
-    quiet_trainer(max_steps=8, accumulate_grad_batches=3, callbacks=[grass, spy]).fit(
-        HFModule("llama"), token_loader()
-    )
-    assert len(spy.steps) == 8  # one record per optimizer step, not per micro-batch
+    quiet_trainer(max_steps=7, callbacks=[grass, spy]).fit(HFModule("llama"), token_loader())
+    assert len(spy.steps) == 8
     for step in spy.steps[1:]:
         assert sorted(step["rms"]) == step["active"]  # only active blocks have gradients
         for block, rms in step["rms"].items():
             assert step["estimate"][block].item() == pytest.approx(rms, rel=1e-5)
 
 
+def test_with_accumulation_probe_and_refresh_measure_the_same_quantity():
+    """Same micro-batches, same weights (lr=0): the probe's estimate of a block and a refresh's
+    must agree, or blocks measured only by the probe enter the softmax at another scale."""
+    grass = GrassCallback(num_active=2, sampling_period=1, refresh_interval=1, ema=1.0, probe_steps=1, seed=0)
+    spy = Spy(grass)
+    micro_batches = token_loader(n_batches=3)  # one optimizer step of 3 micro-batches per epoch, unshuffled
+    quiet_trainer(max_steps=8, max_epochs=-1, accumulate_grad_batches=3, callbacks=[grass, spy]).fit(
+        HFModule("llama", lr=0.0), micro_batches
+    )
+    probe = spy.steps[0]["estimate"]
+    assert len(spy.steps) == 9 and not probe.isnan().any()
+    compared = set()
+    for step in spy.steps[1:]:
+        for block in step["active"]:
+            assert step["estimate"][block].item() == pytest.approx(probe[block].item(), rel=0.10), block
+            compared.add(block)
+    assert len(compared) >= 3
+
+
+class _HeldAfterBackward(Callback):
+    """Parameters of the blocks that hold a gradient after each backward pass."""
+
+    def __init__(self):
+        self.held = []
+
+    def on_after_backward(self, trainer, pl_module):
+        self.held.append(sum(p.grad is not None for p in pl_module.model.model.layers.parameters()))
+
+
 def test_probe_with_accumulation_holds_no_gradients_and_updates_nothing():
     grass = GrassCallback(num_active=1, probe_steps=3, seed=0)
-    spy = Spy(grass)
-    quiet_trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[grass, spy]).fit(
+    spy, held = Spy(grass), _HeldAfterBackward()
+    quiet_trainer(max_steps=1, accumulate_grad_batches=2, callbacks=[grass, spy, held]).fit(
         HFModule("llama"), token_loader()
     )
-    assert all(s["probing"] and s["changed"] == set() and s["rms"] == {} for s in spy.steps)
+    probing = [s for s in spy.steps if s["probing"]]
+    assert len(probing) == 3 and all(s["changed"] == set() and s["rms"] == {} for s in probing)
+    assert held.held[:6] == [0] * 6  # every micro-batch's block gradients were read and freed in backward
+    assert held.held[6] > 0  # the update that follows keeps its active block's gradients
     assert not grass.state_dict()["importance"]["estimate"].isnan().any()
 
 
@@ -116,7 +148,7 @@ class ManualModule(HFModule):
 def test_manual_optimization():
     grass = GrassCallback(num_active=1, sampling_period=2, refresh_interval=2, probe_steps=2, seed=0)
     spy = Spy(grass)
-    quiet_trainer(max_steps=10, callbacks=[grass, spy]).fit(ManualModule(), token_loader())
+    quiet_trainer(max_steps=8, callbacks=[grass, spy]).fit(ManualModule(), token_loader())
     assert [s["probing"] for s in spy.steps] == [True, True] + [False] * 8
     for step in spy.steps:
         blocks = _changed_blocks(step["changed"], "model.model.layers")
@@ -182,18 +214,27 @@ def test_fp16_loss_scaling_is_never_read_as_gradient():
     assert all(s["changed"] == set() for s in spy.steps[:2])  # probing still updates nothing
 
 
-def test_importance_probabilities_and_active_set_are_logged(tmp_path):
-    grass = GrassCallback(num_active=2, sampling_period=2, refresh_interval=2, probe_steps=1, seed=0)
-    trainer = quiet_trainer(max_steps=4, callbacks=[grass], logger=CSVLogger(tmp_path), log_every_n_steps=1)
+def test_importance_probabilities_and_active_set_are_logged_against_the_step_they_describe(tmp_path):
+    import csv
+
+    grass = GrassCallback(num_active=2, sampling_period=2, refresh_interval=2, probe_steps=2, seed=0)
+    spy = Spy(grass)
+    trainer = quiet_trainer(max_steps=5, callbacks=[grass, spy], logger=CSVLogger(tmp_path), log_every_n_steps=1)
     trainer.fit(HFModule("llama"), token_loader())
-    header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    with (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("grass/probing")]
     for block in range(4):
         for kind in ("importance", "probability", "active"):
-            assert f"grass/{kind}/{block:02d}" in header
-    assert "grass/nonfinite" in header
-    assert {"active_0", "active_1"} <= set(trainer.progress_bar_metrics)
+            assert f"grass/{kind}/{block:02d}" in rows[0]
+    assert "grass/nonfinite" in rows[0]
+    assert len(rows) == len(spy.steps) == 7
+    for row, step in zip(rows, spy.steps):  # a draw step logs the set it trained, not the next one
+        assert float(row["grass/probing"]) == float(step["probing"])
+        logged = [b for b in range(4) if float(row[f"grass/active/{b:02d}"]) == 1.0]
+        trained = _changed_blocks(step["changed"], "model.model.layers")
+        assert logged == sorted(trained) == ([] if step["probing"] else step["active"])
     shown = sorted(int(trainer.progress_bar_metrics[f"active_{i}"]) for i in range(2))
-    assert shown == grass.state_dict()["active"]
+    assert shown == spy.steps[-1]["active"]  # the bar too: the blocks the last step trained
 
 
 def _run_grass(tmp_path, max_steps, ckpt_path=None, checkpoints=False, strategy="auto", idle_moments="drop",
@@ -218,15 +259,16 @@ OFFLOAD_RUNS = [("auto", "drop"), ("auto", "keep"), ("grass_offload", "keep"), (
 
 @pytest.mark.parametrize(("strategy", "idle_moments"), OFFLOAD_RUNS, ids=["-".join(r) for r in OFFLOAD_RUNS])
 def test_resume_from_a_mid_period_checkpoint_continues_exactly(tmp_path, strategy, idle_moments):
-    """12 steps in one go equal 4 steps + ModelCheckpoint + resume to 12 (a draw every 3 steps)."""
+    """12 updates (14 steps with the probe's 2) in one go equal 4 steps + ModelCheckpoint + resume
+    (a draw every 3 steps)."""
     full, full_trainer, full_grass = _run_grass(tmp_path, 12, checkpoints=True, strategy=strategy,
                                                 idle_moments=idle_moments)
     (ckpt,) = tmp_path.glob("*step=4.ckpt")
     resumed, resumed_trainer, resumed_grass = _run_grass(tmp_path, 12, ckpt_path=ckpt, strategy=strategy,
                                                          idle_moments=idle_moments)
-    assert resumed_trainer.global_step == 12
+    assert resumed_trainer.global_step == full_trainer.global_step == 14
     a, b = full_grass.state_dict(), resumed_grass.state_dict()
-    assert a["history"] == b["history"] and len(a["history"]) == 4
+    assert a["history"] == b["history"] and len(a["history"]) == 5
     assert torch.equal(a["importance"]["estimate"], b["importance"]["estimate"])
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
@@ -272,3 +314,102 @@ def test_offloading_strategy_needs_keep_in_park_mode_and_warns_without_grass():
         quiet_trainer(max_steps=1, strategy="grass_offload", callbacks=[GrassCallback()]).fit(HFModule(), token_loader())
     with pytest.warns(UserWarning, match="found no GrassCallback"):
         quiet_trainer(max_steps=1, strategy="grass_offload").fit(HFModule(), token_loader())
+
+
+class _FailsAt(HFModule):
+    """Raises in training step ``fail_at`` (as an out-of-memory error would), once."""
+
+    def __init__(self, fail_at):
+        super().__init__("llama")
+        self.fail_at = fail_at
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == self.fail_at:
+            self.fail_at = None
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().training_step(batch, batch_idx)
+
+
+def _installed(module, optimizer=None):
+    """What GRASS may leave on a model: frozen flags, hooks in backward, optimizer hooks, parked moments."""
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    hooked = [n for n, p in module.named_parameters() if p._backward_hooks or p._post_accumulate_grad_hooks]
+    parked = [] if optimizer is None else [
+        k for s in optimizer.state.values() for k, t in s.items()
+        if torch.is_tensor(t) and t.dim() and t.untyped_storage().nbytes() == 0]
+    optimizer_hooks = [] if optimizer is None else [*optimizer._optimizer_step_pre_hooks, *optimizer._optimizer_step_post_hooks]
+    return frozen, hooked, parked, optimizer_hooks
+
+
+@pytest.mark.parametrize(("fail_at", "strategy"), [(1, "auto"), (5, "auto"), (5, "grass_offload_stream"),
+                                                   (5, "grass_offload")], ids=["probe", "training", "stream", "park"])
+def test_an_exception_in_fit_leaves_the_model_as_the_user_had_it_and_a_retry_trains(fail_at, strategy):
+    module = _FailsAt(fail_at)
+    grass = GrassCallback(num_active=1, sampling_period=2, probe_steps=3, seed=0, idle_moments="keep")
+    trainer = quiet_trainer(max_steps=8, callbacks=[grass], strategy=strategy)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.fit(module, token_loader())
+    assert _installed(module, trainer.optimizers[0]) == ([], [], [], [])
+    assert trainer.max_steps == 8
+    # the notebook retry: same module, same callback, a new Trainer
+    before = {n: p.detach().clone() for n, p in module.model.model.layers.named_parameters()}
+    quiet_trainer(max_steps=12, callbacks=[grass], strategy=strategy).fit(module, token_loader())
+    changed = {int(n.split(".")[0]) for n, p in module.model.model.layers.named_parameters()
+               if not torch.equal(p, before[n])}
+    assert len(changed) >= 2  # blocks trained after the retry, not one or none
+
+
+def test_skipped_batches_are_no_evidence_of_a_zero_gradient():
+    class SkipsOddSteps(HFModule):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx % 2 else super().training_step(batch, batch_idx)
+
+    grass = GrassCallback(num_active=2, sampling_period=3, refresh_interval=1, ema=1.0, probe_steps=2, seed=0)
+    spy = Spy(grass)
+    quiet_trainer(max_steps=12, callbacks=[grass, spy]).fit(SkipsOddSteps(), token_loader())
+    estimates = torch.stack([s["estimate"] for s in spy.steps[2:]])
+    assert not estimates.isnan().any() and (estimates > 0).all()
+
+
+def test_fp16_with_an_optimizer_that_unscales_in_its_step_is_refused_before_training():
+    from lightning.pytorch.plugins import MixedPrecision
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    class Fused(HFModule):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, fused=True)
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    module = Fused()
+    with pytest.raises(MisconfigurationException, match=r"fp16 loss scaling .*fused=True.*fused=False"):
+        quiet_trainer(max_steps=4, plugins=[plugin], callbacks=[GrassCallback(probe_steps=2)]).fit(module, token_loader())
+    assert _installed(module)[:2] == ([], [])
+
+
+def test_probe_steps_hold_a_users_warmup_schedule_in_automatic_optimization():
+    """Lightning steps the user's scheduler after every optimizer step, probe steps included; the
+    callback undoes that, so the first update runs at the warm-up's first learning rate."""
+
+    class WarmUp(HFModule):
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 4))
+            return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+
+    lrs = {}
+    for probe in (0, 3):
+        grass = GrassCallback(num_active=2, sampling_period=2, probe_steps=probe, seed=0,
+                              sampler="grass" if probe else "uniform")
+        spy = Spy(grass)
+
+        class LR(Callback):
+            def __init__(self):
+                self.lrs = []
+
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                self.lrs.append(optimizer.param_groups[0]["lr"])
+
+        seen = LR()
+        quiet_trainer(max_steps=6, callbacks=[grass, spy, seen]).fit(WarmUp(), token_loader())
+        lrs[probe] = [lr for lr, step in zip(seen.lrs, spy.steps) if not step["probing"]]
+    assert lrs[0] == lrs[3] == pytest.approx([1e-2 * min(1.0, (s + 1) / 4) for s in range(6)])

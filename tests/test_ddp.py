@@ -33,5 +33,5 @@ def test_train_py_runs_grass_under_lightning_ddp(tmp_path):
     done = subprocess.run(command, cwd=CONF.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["steps"] == 6 and metrics["method"] == "grass"
+    assert metrics["updates"] == 6 and metrics["steps"] == 8 and metrics["method"] == "grass"
     assert (run_dir / "train_ddp_process_1.log").exists()  # the second rank ran in the same run directory

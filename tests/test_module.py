@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from lightning.pytorch import Callback
 
 import grass_lightning.run as run
 from app import choice_rows, compose_run, write_jsonl
@@ -34,7 +35,8 @@ def test_accumulation_counts_optimizer_steps_under_bf16(tmp_path):
                       "trainer.precision=bf16-mixed", "trainer.max_steps=3")
     run.train(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["steps"] == 3  # optimizer steps, each of two micro-batches
+    assert metrics["updates"] == 3 and metrics["probe_steps"] == 1  # max_steps counts updates
+    assert metrics["steps"] == 4  # optimizer steps (global_step), each of two micro-batches
     assert metrics["trainable_params_max"] > 0 and metrics["step_time_s"] > 0
 
 
@@ -67,13 +69,14 @@ def test_a_step_with_nonfinite_gradients_is_skipped_counted_and_unseen_by_grass(
     trainer = quiet_trainer(max_steps=8, callbacks=[grass])
     trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=4))
     assert module.nonfinite_steps == 2  # one during the probe, one while training
-    assert trainer.global_step == 8  # eight real updates: the skipped ones do not count
+    assert trainer.global_step == 10  # two probe steps and eight real updates: the skipped ones do not count
     assert all(torch.isfinite(p).all() for p in module.parameters())
     schedule = grass.state_dict()
-    assert torch.isfinite(schedule["importance"]["estimate"]).all() and torch.isfinite(schedule["probabilities"]).all()
-    # GRASS never read the skipped training step; the probe's hooks read the probing one during
-    # backward and its next measurement was skipped as non-finite, one count per block.
-    assert int(schedule["importance"]["nonfinite"]) == 4
+    assert torch.isfinite(schedule["importance"]["estimate"]).all() and torch.isfinite(schedule["logits"]).all()
+    # GRASS reads gradients in backward, before the module's check: the skipped probing step's
+    # reading (4 blocks) and the skipped training step's (its 2 active blocks) end up in the next
+    # measurement, which is skipped as non-finite, one count per block; no estimate takes them.
+    assert int(schedule["importance"]["nonfinite"]) == 6
     assert trainer.callback_metrics["train/nonfinite_steps"] == 2
 
 
@@ -102,3 +105,38 @@ def test_clipping_reuses_the_finiteness_norm_and_bounds_every_update():
     assert len(norms.seen) == 6
     assert all(raw > 0.05 for raw, _ in norms.seen)  # clipping had work to do
     assert all(clipped == pytest.approx(0.05, rel=1e-3) for _, clipped in norms.seen)
+
+
+class _UpdateLRs(Callback):
+    """The learning rate of every optimizer step that updates something (a probe step updates nothing)."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if any(p.grad is not None for p in pl_module.parameters()):
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("probe_steps", [3, 12])
+def test_probe_steps_leave_the_warmup_to_the_updates(probe_steps):
+    """GRASS's first update runs at the LR of LISA's first update, with the same max_steps both make
+    the same number of updates, and the schedule counts updates (warm-up 3, cosine to max_steps)."""
+    import torch
+
+    from conftest import VOCAB, quiet_trainer, tiny_hf
+    from grass_lightning import GrassCallback, GrassModule
+
+    tokens = torch.randint(0, VOCAB, (24 * 4, 8), generator=torch.Generator().manual_seed(0))
+    lrs = {}
+    for sampler, probe in (("uniform", 0), ("grass", probe_steps)):
+        module = GrassModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, warmup_steps=3))
+        seen = _UpdateLRs()
+        grass = GrassCallback(num_active=2, sampling_period=2, probe_steps=probe, sampler=sampler, seed=0)
+        trainer = quiet_trainer(max_steps=8, callbacks=[grass, seen])
+        trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=4))
+        assert trainer.global_step == 8 + probe
+        lrs[sampler] = seen.lrs
+    expected = [1e-2 * lr_factor(step, warmup=3, total=8, kind="cosine") for step in range(8)]
+    assert lrs["uniform"] == pytest.approx(expected)
+    assert lrs["grass"] == pytest.approx(expected)
