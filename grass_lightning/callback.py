@@ -32,9 +32,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 from typing_extensions import override
 
-from grass_lightning.blocks import find_blocks
+from grass_lightning.blocks import BlockLayout, find_blocks
 from grass_lightning.config import GrassConfig
 from grass_lightning.offload import check_offload
 from grass_lightning.schedule import GrassSchedule
@@ -149,6 +150,13 @@ class GrassCallback(Callback):
                 "DDPStrategy(find_unused_parameters=True)."
             )
 
+    def check_model(self, module: nn.Module) -> BlockLayout:
+        """The module's blocks, or the error fit start would raise (``blocks`` not resolving, no
+        blocks found, ``num_active`` above their number). A meta-device skeleton will do."""
+        layout = find_blocks(module, self.blocks)
+        self.config.check_blocks(len(layout), layout.path)
+        return layout
+
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         scaler = loss_scaler(trainer)
@@ -158,7 +166,7 @@ class GrassCallback(Callback):
                 "(e.g. AdamW(fused=True)): Lightning leaves such gradients scaled until the step, so "
                 "importance would read them scaled. Use fused=False, or precision='bf16-mixed'."
             )
-        layout = find_blocks(pl_module, self.blocks)
+        layout = self.check_model(pl_module)
         seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
         # Hooks in backward see gradients before DDP all-reduces them and before AMP unscales them.
         measure_in_backward = trainer.world_size == 1 and scaler is None
@@ -174,17 +182,15 @@ class GrassCallback(Callback):
         if trainer.max_steps >= 0 and self.config.probe_steps:
             self._user_max_steps = trainer.max_steps
             trainer.fit_loop.epoch_loop.max_steps = trainer.max_steps + self.config.probe_steps
+        tied = layout.tied() and self.config.train_embeddings != self.config.train_head
         rank_zero_info(
             f"GRASS: {len(layout)} blocks at {layout.path!r}, training {self.config.num_active} at a time "
             f"(sampler={self.config.sampler!r}, probe_steps={self.config.probe_steps}, offload={offload!r})."
             + (f" The {self.config.probe_steps} probe steps come before the {self._user_max_steps} updates: "
                f"training ends at global step {trainer.max_steps}." if self._user_max_steps is not None else "")
+            + (" The LM head is the input embedding matrix (tied), so it trains only with train_embeddings=True "
+               "and train_head=True." if tied else "")
         )
-        if layout.tied() and self.config.train_embeddings != self.config.train_head:
-            rank_zero_info(
-                "GRASS: the LM head shares its weight with the input embeddings; that weight trains only "
-                "when train_embeddings and train_head are both True."
-            )
         if self.config.idle_moments == "keep" and offload == "none":
             rank_zero_warn(
                 "GrassCallback(idle_moments='keep') keeps the Adam moments of every block visited so far "

@@ -1,5 +1,6 @@
 """The importance heat-map of a run: blocks over steps, colour = importance relative to the
-most important block at that step, dots = the blocks that trained.
+most important block at that step, dots = the blocks that trained. A LISA run measures no
+importance: its picture is the dots alone, the blocks trained over time.
 
     python -m grass_lightning.heatmap outputs/<date>/<time>/csv/metrics.csv   # writes importance.png beside it
 
@@ -45,16 +46,23 @@ def draw(metrics_csv: Path, out: Path | None = None) -> Path | None:
         top = max(known) if known else 1.0
         relative.append([v / top if top > 0 else math.nan for v in values])
     columns = list(zip(*relative))  # blocks x steps
+    measured = any(not math.isnan(v) for values in importance for v in values)
     fig, ax = plt.subplots(figsize=(10, 1.5 + 0.22 * len(columns)))
-    image = ax.imshow(columns, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
-                      extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(columns) - 0.5), interpolation="nearest")
+    extent = (steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(columns) - 0.5)
+    if measured:
+        image = ax.imshow(columns, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, extent=extent,
+                          interpolation="nearest")
+        fig.colorbar(image, ax=ax, label="relative importance")
+        ax.set_title("Block importance (mean gradient norm / max over blocks) and the blocks trained")
+    else:
+        ax.set_xlim(extent[:2])
+        ax.set_ylim(extent[2:])
+        ax.set_title("Blocks trained (uniform sampling measures no importance)")
     xs = [s for s, flags in zip(steps, active) for flag in flags if flag]
     ys = [b for flags in active for b, flag in enumerate(flags) if flag]
-    ax.scatter(xs, ys, s=4, c="white", marker="s", linewidths=0, label="trained")
+    ax.scatter(xs, ys, s=4, c="white" if measured else "black", marker="s", linewidths=0, label="trained")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("block")
-    ax.set_title("Block importance (mean gradient norm / max over blocks) and the blocks trained")
-    fig.colorbar(image, ax=ax, label="relative importance")
     ax.legend(loc="upper right", fontsize=8, markerscale=3)
     out = out or metrics_csv.with_name("importance.png")
     fig.savefig(out, dpi=120, bbox_inches="tight")

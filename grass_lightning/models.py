@@ -99,8 +99,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     staging.rename(target)
 
 
-def load_model(spec: ModelSpec, path: str | None, num_labels: int | None = None) -> tuple[nn.Module, object]:
-    """Model and tokenizer, in train mode (transformers 5 loads in eval mode)."""
+def _blueprint(spec: ModelSpec, path: str | None, num_labels: int | None):
+    """The auto class and Hugging Face config of the model (config.json only, no weights)."""
     import transformers
 
     auto = transformers.AutoModelForCausalLM if spec.kind == "causal_lm" else transformers.AutoModelForSequenceClassification
@@ -109,11 +109,31 @@ def load_model(spec: ModelSpec, path: str | None, num_labels: int | None = None)
         tokenizer = byte_tokenizer()
         ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                    bos_token_id=tokenizer.eos_token_id)  # model.config may widen the vocabulary (benchmarks)
-        config = transformers.AutoConfig.for_model(**{**ids, **spec.config, **extra})
+        return auto, transformers.AutoConfig.for_model(**{**ids, **spec.config, **extra})
+    return auto, transformers.AutoConfig.from_pretrained(path, **extra)
+
+
+def model_skeleton(spec: ModelSpec, path: str | None, num_labels: int | None = None) -> nn.Module:
+    """The model's modules on the meta device: its blocks and weight shapes without its weights,
+    so settings that depend on the model are checked in milliseconds, before loading."""
+    import torch
+
+    auto, config = _blueprint(spec, path, num_labels)
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def load_model(spec: ModelSpec, path: str | None, num_labels: int | None = None) -> tuple[nn.Module, object]:
+    """Model and tokenizer, in train mode (transformers 5 loads in eval mode)."""
+    import transformers
+
+    auto, config = _blueprint(spec, path, num_labels)
+    if spec.source == "random":
+        tokenizer = byte_tokenizer()
         model = auto.from_config(config)
     else:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        model = auto.from_pretrained(path, **extra)
+        model = auto.from_pretrained(path, config=config)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
     if model.config.pad_token_id is None:

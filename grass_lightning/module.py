@@ -43,6 +43,9 @@ class OptimConfig:
         accumulate_grad_batches: micro-batches per optimizer step.
         gradient_clip_val: clip the global gradient norm to this (None or 0: no clipping).
         betas: AdamW betas.
+        max_nonfinite_steps: stop with an error after this many optimizer steps in a row whose
+            loss or gradients were NaN/Inf (each is skipped and not counted, so a run whose every
+            loss is NaN would otherwise never reach ``max_steps``).
     """
 
     lr: float = 1e-4
@@ -52,6 +55,7 @@ class OptimConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
+    max_nonfinite_steps: int = 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
@@ -66,6 +70,8 @@ class OptimConfig:
             raise ValueError(f"optim.accumulate_grad_batches={self.accumulate_grad_batches!r} must be an integer >= 1.")
         if self.gradient_clip_val is not None and not self.gradient_clip_val >= 0:
             raise ValueError(f"optim.gradient_clip_val={self.gradient_clip_val!r} must be >= 0 or null.")
+        if not isinstance(self.max_nonfinite_steps, int) or self.max_nonfinite_steps < 1:
+            raise ValueError(f"optim.max_nonfinite_steps={self.max_nonfinite_steps!r} must be an integer >= 1.")
 
 
 class GrassModule(LightningModule):
@@ -85,6 +91,8 @@ class GrassModule(LightningModule):
         self.task = task
         self.val_metrics, self.test_metrics = task.metrics().clone(prefix="val/"), task.metrics().clone(prefix="test/")
         self.nonfinite_steps = 0
+        self.test_rows: list[dict] = []  # what the task reports per test example (generation: the text)
+        self._nonfinite_in_a_row = 0
         self._finite: torch.Tensor | None = None  # all losses of the current step's micro-batches finite
         self._grad_norm: torch.Tensor | None = None  # this step's total gradient norm, for clipping
 
@@ -101,10 +109,20 @@ class GrassModule(LightningModule):
             if self._gradients_finite(finite):
                 optimizer.step()
                 schedule.step()
+                self._nonfinite_in_a_row = 0
             else:  # the update is skipped and not counted as a step; GRASS never sees these gradients
                 self.nonfinite_steps += 1
+                self._nonfinite_in_a_row += 1
             optimizer.zero_grad(set_to_none=True)
             self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+            if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{self._nonfinite_in_a_row} optimizer steps in a row had a NaN or Inf loss or gradient "
+                    f"(optim.max_nonfinite_steps={self.hparams.max_nonfinite_steps}); each was skipped, so the "
+                    f"run would never reach trainer.max_steps. Likely causes: no target token left in the "
+                    f"batch (data.max_length too small for the prompt and answer), a learning rate too "
+                    f"high (optim.lr), or fp16 overflow (use bf16)."
+                )
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", schedule.get_last_lr()[0])
         return loss
@@ -148,8 +166,12 @@ class GrassModule(LightningModule):
         self.log_dict(self.val_metrics, prog_bar=True)
 
     @override
+    def on_test_epoch_start(self) -> None:
+        self.test_rows = []
+
+    @override
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.task.update(self.test_metrics, self.model, batch)
+        self.test_rows.extend(self.task.update(self.test_metrics, self.model, batch) or [])
         self.log_dict(self.test_metrics)
 
     @override

@@ -10,34 +10,43 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import time
 import warnings
 from pathlib import Path
 
 import torch
+import transformers
 from hydra.utils import instantiate
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from grass_lightning.checkpoint_io import AtomicCheckpointIO
 from grass_lightning.datamodule import SplitsDataModule
 from grass_lightning.heatmap import draw as draw_heatmap
 from grass_lightning.methods import build_method
-from grass_lightning.models import ModelSpec, load_model, resolve_model_path
+from grass_lightning.models import ModelSpec, load_model, model_skeleton, resolve_model_path
 from grass_lightning.module import GrassModule, OptimConfig
 from grass_lightning.sources import BUILTIN, carve, read_jsonl
 from grass_lightning.stats import RunStats, peak_memory_mb
 from grass_lightning.strategy import offload_strategy
 from grass_lightning.tasks import task_class
 
-# Lightning warns that checkpoints of manually optimized modules hold the state *after* the
-# step; that is what resuming at `global_step` needs. torchdata 0.11 calls a torch API that
-# torch deprecated, on every epoch.
+# The app's own console, not users' code (which never imports this module): Lightning warns that
+# checkpoints of manually optimized modules hold the state *after* the step, which is what
+# resuming at `global_step` needs; torchdata 0.11 and Lightning 2.6 call torch APIs that torch
+# deprecated, on every epoch; a JSONL epoch shorter than log_every_n_steps is logged all the same
+# (steps count across epochs); and Lightning advertises a cloud logger on every Trainer.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
+transformers.logging.disable_progress_bar()  # a bar per loaded weight tensor
 
 
 def load_records(data: dict) -> list:
@@ -46,7 +55,7 @@ def load_records(data: dict) -> list:
     if source == "jsonl":
         if not data.get("path"):
             raise ValueError("data.path is empty: data=jsonl needs data.path=/path/to/file.jsonl.")
-        return read_jsonl(data["path"], data.get("labels"))
+        return read_jsonl(data["path"], data.get("labels"), data.get("prompt_template"))
     if source not in BUILTIN:
         raise ValueError(f"data.source={source!r} is not one of {sorted(BUILTIN) + ['jsonl']}.")
     return BUILTIN[source]()
@@ -61,7 +70,8 @@ def train(cfg: DictConfig) -> float:
     if not isinstance(cfg.test_before, bool):
         raise ValueError(f"test_before={cfg.test_before!r} must be true or false.")
     optim = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
-    method = build_method(OmegaConf.to_container(cfg.method, resolve=True), seed=cfg.seed)
+    method_settings = OmegaConf.to_container(cfg.method, resolve=True)
+    method = build_method(method_settings, seed=cfg.seed)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if method.offload != "none":
         trainer_kwargs["strategy"] = offload_strategy(trainer_kwargs.get("strategy", "auto"), method.offload)
@@ -69,15 +79,20 @@ def train(cfg: DictConfig) -> float:
         _check_block_strategy(trainer_kwargs.get("strategy", "auto"))
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     data = OmegaConf.to_container(cfg.data, resolve=True)
+    for key in ("batch_size", "eval_batch_size"):
+        if isinstance(data[key], bool) or not isinstance(data[key], int) or data[key] < 1:
+            raise ValueError(f"data.{key}={data[key]!r} must be an integer >= 1.")
     records = load_records(data)
     splits = carve(records, data["val_size"], data["test_size"], data["split_seed"], data["source"])
     task_type = task_class(spec.kind, records)
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file.")
     model_path = resolve_model_path(spec)
+    num_labels = len(records[0].choices) if spec.kind == "classification" else None
+    _check_model(method, spec, model_path, num_labels, cfg.ckpt_path)
 
     seed_everything(cfg.seed, workers=True)
-    model, tokenizer = load_model(spec, model_path, num_labels=len(records[0].choices) if spec.kind == "classification" else None)
+    model, tokenizer = load_model(spec, model_path, num_labels=num_labels)
     task = task_type(tokenizer, data["max_length"], records, max_new_tokens=data["max_new_tokens"])
     model = method.prepare(model, spec.kind)
     module = GrassModule(model, task, optim)
@@ -90,12 +105,16 @@ def train(cfg: DictConfig) -> float:
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = Trainer(**trainer_kwargs, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
 
-    scores_before = _test_scores(trainer, module, datamodule) if cfg.test_before else None
+    scores_before = _scores(trainer.test, module, datamodule, "test/") if cfg.test_before else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     checkpoints = trainer.checkpoint_callback
     if checkpoints is not None and checkpoints.dirpath:  # last.ckpt is the final state, whatever the cadence
-        trainer.save_checkpoint(Path(checkpoints.dirpath) / "last.ckpt")
-    scores = _test_scores(trainer, module, datamodule)
+        trainer.save_checkpoint(Path(checkpoints.dirpath) / "last.ckpt", weights_only=False)  # a full, resumable one
+    # The final weights' validation scores, what a sweep chooses on: a short run may never reach val_check_interval.
+    val_scores = _scores(trainer.validate, module, datamodule, "val/") if trainer.limit_val_batches else None
+    scores = _scores(trainer.test, module, datamodule, "test/")
+    test_rows = _from_every_rank(trainer, module.test_rows)
+    data_name = Path(data["path"]).stem if data["source"] == "jsonl" else data["source"]  # two JSONL files: two names
     after = scores[task.score_name]
     before = None if scores_before is None else scores_before[task.score_name]
     # probe steps are optimizer steps to Lightning (global_step) but update nothing; max_steps counts updates
@@ -107,9 +126,11 @@ def train(cfg: DictConfig) -> float:
         "score_name": task.score_name,
         "scores": scores,
         "scores_before": scores_before,
+        "val_scores": val_scores,
         "method": method.name,
         "model": spec.name,
-        "data": data["source"],
+        "data": data_name,
+        "method_settings": {key: value for key, value in method_settings.items() if key != "name"},
         "seed": cfg.seed,
         "steps": trainer.global_step,
         "updates": trainer.global_step - probe_steps,
@@ -126,11 +147,14 @@ def train(cfg: DictConfig) -> float:
     }
     if trainer.is_global_zero:
         _write_json(out_dir / "metrics.json", metrics)
-        print(f"\n{data['source']} test {task.score_name} ({len(splits.test)} examples): "
+        print(f"\n{data_name} test {task.score_name} ({len(splits.test)} examples): "
               f"{'' if before is None else f'before {before:.4f} -> '}after {after:.4f}  [{method.name}, {spec.name}, "
               f"{trainer.global_step - probe_steps} updates{f' after {probe_steps} probe steps' if probe_steps else ''}]")
         others = ", ".join(f"{name} {value:.4f}" for name, value in scores.items() if name != task.score_name)
         print(f"metrics: {out_dir / 'metrics.json'}" + (f" (also {others})" if others else ""))
+        if test_rows:  # generation: what was generated, so that a score can be read, not only believed
+            _write_text(out_dir / "generations.jsonl", "".join(json.dumps(row) + "\n" for row in test_rows))
+            print(f"test generations: {out_dir / 'generations.jsonl'}")
         if method.callbacks and isinstance(trainer.logger, CSVLogger):
             heatmap = draw_heatmap(Path(trainer.logger.log_dir) / "metrics.csv", out_dir / "importance.png")
             if heatmap is not None:
@@ -163,14 +187,64 @@ def _check_block_strategy(strategy) -> None:
                          f"(strategy ddp_find_unused_parameters_true).")
 
 
-def _test_scores(trainer: Trainer, module, datamodule) -> dict[str, float]:
-    """Every score the task computes on the test split, by name (``test/accuracy`` -> ``accuracy``)."""
-    logged = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    return {key.removeprefix("test/"): value for key, value in logged.items() if key.startswith("test/")}
+def _check_model(method, spec: ModelSpec, path: str | None, num_labels: int | None, ckpt_path: str | None) -> None:
+    """What loading the weights or starting fit would refuse about the model, found on its
+    meta-device skeleton: ``method.blocks`` and ``method.num_active`` against its blocks, and a
+    ``ckpt_path`` written for another model."""
+    module = nn.ModuleDict({"model": method.prepare(model_skeleton(spec, path, num_labels), spec.kind)})  # as GrassModule
+    for callback in method.callbacks:
+        try:
+            callback.check_model(module)
+        except ValueError as error:  # "blocks=..." / "num_active=..." become the config's keys
+            raise ValueError(f"method.{error}" if str(error).startswith(("blocks=", "num_active=")) else str(error)) from None
+    if ckpt_path is not None:
+        _check_checkpoint(ckpt_path, {key: tuple(t.shape) for key, t in module.state_dict().items()})
+
+
+def _check_checkpoint(path: str, shapes: dict[str, tuple]) -> None:
+    """Refuse a ckpt_path that is no Lightning checkpoint of this model (it is memory-mapped, not read)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:  # torch raises several types for a file that is no checkpoint
+        raise ValueError(f"ckpt_path={path!r} is not a checkpoint that train.py wrote ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200]}).") from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "global_step"} <= set(checkpoint):
+        raise ValueError(f"ckpt_path={path!r} is not a Lightning checkpoint: it has no state_dict and global_step.")
+    saved = checkpoint["state_dict"]
+    differ = [key for key, shape in shapes.items() if key not in saved or tuple(saved[key].shape) != shape]
+    if differ:
+        key = differ[0]
+        found = f"shape {list(saved[key].shape)}" if key in saved else "no such weight"
+        raise ValueError(
+            f"ckpt_path={path!r} was written for another model or method: {len(differ)} of this model's "
+            f"{len(shapes)} weights are missing from it or differ in shape (e.g. {key!r}: shape "
+            f"{list(shapes[key])} here, {found} there). Resume with the model and method of the run that "
+            f"wrote it (its .hydra/config.yaml)."
+        )
+
+
+def _scores(evaluate, module, datamodule, prefix: str) -> dict[str, float]:
+    """Every score the task computes in ``trainer.test`` or ``trainer.validate``, by name
+    (``test/accuracy`` -> ``accuracy``)."""
+    logged = evaluate(module, datamodule=datamodule, verbose=False)[0]
+    return {key.removeprefix(prefix): value for key, value in logged.items() if key.startswith(prefix)}
+
+
+def _from_every_rank(trainer: Trainer, rows: list[dict]) -> list[dict]:
+    """Every rank's rows (DDP shards the test split), on every rank."""
+    if trainer.world_size == 1:
+        return rows
+    gathered = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    """Write then rename: a crash never leaves a half-written or misleading metrics.json."""
-    staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(payload, indent=2) + "\n")
+    _write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write then rename: a crash never leaves a half-written or misleading file."""
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(text)
     os.replace(staging, path)

@@ -119,18 +119,27 @@ SHAPES = {
     "multiple_choice": ("question", "choices", "label"),
     "prompt_response": ("prompt", "response"),
 }
+# What the model reads before the answer, per shape; multiple choice as the built-in sets ask it.
+PROMPTS = {
+    "classification": "{text}",
+    "multiple_choice": "Question: {question}\nAnswer:",
+    "prompt_response": "{prompt}",
+}
 
 
-def read_jsonl(path: str | Path, labels: list[str] | None = None) -> list[Record]:
+def read_jsonl(path: str | Path, labels: list[str] | None = None, prompt_template: str | None = None) -> list[Record]:
     """Read a user's JSONL file of one of the `SHAPES`, told apart by the keys of each line.
 
     ``labels`` fixes the label names of a classification file (and their order); without it
-    they are the sorted distinct labels found.
+    they are the sorted distinct labels found. ``prompt_template`` is a format string over a
+    line's keys (``"{question}\nAnswer:"``) that makes its prompt; without it, the shape's
+    `PROMPTS` entry.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: naming file and line, for malformed JSON, a line of another shape, or a
-            label outside the choices.
+        ValueError: naming the file, for a file without examples or a classification file with
+            a single label; naming file and line, for malformed JSON, a line of another shape, a
+            label outside the choices, or a multiple-choice label that is not an integer index.
     """
     path = Path(path)
     if not path.is_file():
@@ -152,14 +161,29 @@ def read_jsonl(path: str | Path, labels: list[str] | None = None) -> list[Record
             if shape is not None and found != shape:
                 raise ValueError(f"{where}: a {found} line in a {shape} file.")
             shape = found
-            rows.append((where, row))
+            rows.append((where, {**row, "_prompt": _prompt(where, row, prompt_template or PROMPTS[found])}))
+    if not rows:
+        raise ValueError(f"data.path={str(path)!r} is empty: it holds no JSON lines, so there is nothing to train on.")
     if shape == "classification":
         names = labels if labels is not None else sorted({str(row["label"]) for _, row in rows})
+        if len(names) < 2:
+            raise ValueError(f"data.path={str(path)!r}: every line has the label {names[0]!r}; a classifier needs "
+                             f"at least two labels (or data.labels naming them).")
         return [_classification(where, row, list(names)) for where, row in rows]
     if shape == "multiple_choice":
         return [_multiple_choice(where, row) for where, row in rows]
-    return [Generation(str(row["prompt"]), str(row["response"]), str(row.get("answer", row["response"])))
+    return [Generation(row["_prompt"], str(row["response"]), str(row.get("answer", row["response"])))
             for _, row in rows]
+
+
+def _prompt(where: str, row: dict, template: str) -> str:
+    try:
+        return template.format(**row)
+    except KeyError as error:
+        raise ValueError(f"{where}: data.prompt_template={template!r} names {{{error.args[0]}}}, which this line "
+                         f"does not have (its keys: {sorted(row)}).") from None
+    except (ValueError, IndexError) as error:
+        raise ValueError(f"data.prompt_template={template!r} is not a format string over a line's keys ({error}).") from None
 
 
 def _shape_of(row) -> str | None:
@@ -175,16 +199,19 @@ def _classification(where: str, row: dict, names: list[str]) -> Choice:
     label = str(row["label"])
     if label not in names:
         raise ValueError(f"{where}: label {row['label']!r} is not one of the labels {names}.")
-    return Choice(str(row["text"]), tuple(names), names.index(label))
+    return Choice(row["_prompt"], tuple(names), names.index(label))
 
 
 def _multiple_choice(where: str, row: dict) -> Choice:
     choices, label = row["choices"], row["label"]
     if not isinstance(choices, list) or len(choices) < 2:
         raise ValueError(f"{where}: choices must be a list of at least two strings, got {choices!r}.")
-    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+    if not isinstance(label, int) or isinstance(label, bool):
+        raise ValueError(f"{where}: label {label!r} must be the integer index of the right choice "
+                         f"(0..{len(choices) - 1}), not the choice itself.")
+    if not 0 <= label < len(choices):
         raise ValueError(f"{where}: label {label!r} is outside the {len(choices)} choices (0..{len(choices) - 1}).")
-    return Choice(str(row["question"]), tuple(map(str, choices)), label)
+    return Choice(row["_prompt"], tuple(map(str, choices)), label)
 
 
 @dataclass(frozen=True)

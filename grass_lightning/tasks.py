@@ -8,7 +8,11 @@
   divided by the choice's length in characters (lm-eval's ``acc_norm``): summed log-likelihood
   favours short choices, which sinks sets whose right answers are long (OpenBookQA).
 - `AnswerGeneration`: a causal LM learns prompt + response (loss on the response) and is scored
-  by greedy generation, exact match of the answer (of the final number for arithmetic).
+  by greedy generation, exact match of the answer (of the final number for arithmetic). Its
+  `update` returns what it generated, one row per example, so that a score of 0.0 can be read.
+
+``update(metrics, model, batch)`` adds a batch to the metrics and returns per-example rows to
+keep, or None.
 """
 
 from __future__ import annotations
@@ -183,24 +187,30 @@ class AnswerGeneration(_CausalLM):
             "input_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts]),
             "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
             "answers": [r.answer for r in records],
+            "prompts": [r.prompt for r in records],
         }
 
     def metrics(self) -> torchmetrics.MetricCollection:
         return torchmetrics.MetricCollection({"exact_match": torchmetrics.MeanMetric()})
 
     @torch.no_grad()
-    def update(self, metrics: torchmetrics.MetricCollection, model: nn.Module, batch: dict) -> None:
+    def update(self, metrics: torchmetrics.MetricCollection, model: nn.Module, batch: dict) -> list[dict]:
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              max_new_tokens=self.max_new_tokens, do_sample=False,
                              pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        hits = [self._matches(text, answer) for text, answer in zip(texts, batch["answers"])]
-        metrics["exact_match"].update(torch.tensor(hits, dtype=torch.float32))
+        rows = [{"prompt": prompt, "generated": text, "extracted": self._extract(text), "answer": answer,
+                 "match": self._extract(text) == self._extract(answer)}
+                for prompt, text, answer in zip(batch["prompts"], texts, batch["answers"])]
+        metrics["exact_match"].update(torch.tensor([row["match"] for row in rows], dtype=torch.float32))
+        return rows
+
+    def _extract(self, text: str) -> str | None:
+        """What is compared: the final number (numeric answers) or the text, whitespace- and case-folded."""
+        return _final_number(text) if self.numeric else " ".join(text.split()).lower()
 
     def _matches(self, text: str, answer: str) -> bool:
-        if self.numeric:
-            return _final_number(text) == _final_number(answer)
-        return " ".join(text.split()).lower() == " ".join(answer.split()).lower()
+        return self._extract(text) == self._extract(answer)
 
 
 def _final_number(text: str) -> str | None:

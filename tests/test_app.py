@@ -124,6 +124,14 @@ def test_resume_from_a_mid_run_checkpoint_continues_at_the_right_step_with_the_s
         (["+trainer.accumulate_grad_batches=4"], ValueError, r"set optim\.accumulate_grad_batches"),
         (["optim.lr_schedule=step"], ValueError, r"optim\.lr_schedule='step'"),
         (["ckpt_path=/no/such.ckpt"], FileNotFoundError, r"ckpt_path='/no/such\.ckpt'"),
+        (["model=tiny_llama", "method.num_active=5"], ValueError,
+         r"method\.num_active=5 exceeds the 4 blocks found at 'model\.model\.layers'"),
+        (["model=tiny_llama", "method.blocks=model.layers"], ValueError, r"method\.blocks='model\.layers' does not resolve"),
+        (["model=tiny_llama", "method.blocks=model.model.norm"], ValueError,
+         r"method\.blocks='model\.model\.norm' resolves to a LlamaRMSNorm, not a non-empty nn\.ModuleList"),
+        (["data.batch_size=0"], ValueError, r"data\.batch_size=0 must be an integer >= 1"),
+        (["data.eval_batch_size=0"], ValueError, r"data\.eval_batch_size=0 must be an integer >= 1"),
+        (["optim.max_nonfinite_steps=0"], ValueError, r"optim\.max_nonfinite_steps=0 must be an integer >= 1"),
         (["test_before=maybe"], ValueError, r"test_before='maybe' must be true or false"),
         (["method=lisa", "method.probe_steps=4"], ValueError, r"method\.sampler='uniform' with probe_steps=4: .* probe_steps=0"),
     ],
@@ -136,6 +144,38 @@ def test_bad_overrides_fail_before_any_model_is_loaded(tmp_path, monkeypatch, ov
     with pytest.raises(error, match=message):
         run.train(compose_run(tmp_path, *overrides))
     assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("content", [b"just some notes\n", b"PK\x03\x04 not really a zip"], ids=["text", "broken"])
+def test_a_ckpt_path_that_is_no_checkpoint_fails_before_any_model_is_loaded(tmp_path, monkeypatch, content):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the configuration was checked")
+
+    monkeypatch.setattr(run, "load_model", refuse)
+    notes = tmp_path / "notes.ckpt"
+    notes.write_bytes(content)
+    with pytest.raises(ValueError, match=r"ckpt_path='.*notes\.ckpt' is not a checkpoint that train\.py wrote"):
+        run.train(compose_run(tmp_path / "run", f"ckpt_path={notes}"))
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(ValueError, match=r"is not a Lightning checkpoint: it has no state_dict and global_step"):
+        run.train(compose_run(tmp_path / "run", f"ckpt_path={plain}"))
+
+
+@pytest.mark.parametrize("method", [["method=grass"], ["method=lora", "method.r=2"]], ids=["grass", "lora"])
+def test_a_checkpoint_of_another_model_fails_before_any_model_is_loaded(tmp_path, monkeypatch, data_files, method):
+    common = ["model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", "trainer.max_steps=2",
+              "method.probe_steps=1" if method == ["method=grass"] else "test_before=false", *method]
+    run.train(compose_run(tmp_path / "first", *common))
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    with pytest.raises(ValueError, match=r"was written for another model or method: \d+ of this model's \d+ weights "
+                                         r".*shape \[258, 64\] here, shape \[258, 32\] there"):
+        run.train(compose_run(tmp_path / "wider", *common, "model.config.hidden_size=64", f"ckpt_path={checkpoint}"))
+    other = ["method=lora", "method.r=2"] if method == ["method=grass"] else ["method=full"]  # adapters or none
+    with pytest.raises(ValueError, match=r"was written for another model or method"):
+        run.train(compose_run(tmp_path / "other", *[c for c in common if not c.startswith("method")], *other,
+                              f"ckpt_path={checkpoint}"))
 
 
 def test_two_by_two_multirun_writes_two_metrics_per_method(tmp_path):
@@ -172,12 +212,76 @@ def test_every_experiment_builds_with_every_method(tmp_path, method):
         assert run.build_method(OmegaConf.to_container(cfg.method, resolve=True), seed=0).name == method
 
 
+def test_fewer_steps_than_probe_steps_still_train_every_step_asked_for(tmp_path, data_files):
+    """max_steps counts updates: trainer.max_steps=5 with the default 10 probe steps trains 5 times
+    (it used to "fine-tune" for 5 probe steps that update nothing)."""
+    cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
+                      "trainer.max_steps=5", "test_before=false")
+    run.train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["updates"], metrics["probe_steps"], metrics["steps"]) == (5, 10, 15)
+    assert metrics["trainable_params_max"] > 0
+
+
+def test_a_run_too_short_to_reach_val_check_interval_is_validated_at_its_end(tmp_path, data_files):
+    cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
+                      "trainer.max_steps=3", "method.probe_steps=1", "trainer.val_check_interval=100", "test_before=false")
+    run.train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["val_scores"]) == {"accuracy", "accuracy_norm"} and 0 <= metrics["val_scores"]["accuracy"] <= 1
+    logged = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").open()) if r.get("val/accuracy")]
+    assert len(logged) == 1  # the sweep config's "choose on the validation score" has a score to choose on
+
+
+def test_a_generation_run_saves_what_it_generated_for_every_test_example(tmp_path, data_files):
+    cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['prompt']}",
+                      "trainer.max_steps=2", "method.probe_steps=1", "data.max_new_tokens=4", "test_before=false")
+    score = run.train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(rows) == metrics["test_examples"]
+    assert all(set(row) == {"prompt", "generated", "extracted", "answer", "match"} for row in rows)
+    assert all(row["prompt"].endswith(" plus 1 is") for row in rows)
+    assert sum(row["match"] for row in rows) / len(rows) == pytest.approx(score)
+
+
+def test_a_normal_run_prints_no_third_party_noise(tmp_path):
+    data = write_jsonl(tmp_path / "mc.jsonl", choice_rows())
+    command = [sys.executable, "train.py", "model=tiny_llama", "data=jsonl", f"data.path={data}", "trainer.max_steps=3",
+               "method.probe_steps=1", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+               f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(command, cwd=CONF.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = done.stdout + done.stderr
+    for noise in ("litlogger", "LeafSpec", "`weights_only` was not set", "smaller than the logging interval"):
+        assert noise not in printed, noise
+    assert "test accuracy" in printed and "GRASS: 4 blocks" in printed  # what the run has to say stays
+
+
 def test_grass_run_draws_the_importance_heat_map(tmp_path, data_files):
     cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
                       "method.probe_steps=1", "method.sampling_period=2", "method.refresh_interval=2")
     run.train(cfg)
     png = tmp_path / "importance.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_a_lisa_run_draws_the_blocks_it_trained_not_a_blank_heat_map(tmp_path):
+    import matplotlib.image
+
+    from grass_lightning.heatmap import draw
+
+    def dark_pixels(name, trains):
+        metrics = tmp_path / f"{name}.csv"
+        header = ",".join(["epoch", "step", *(f"grass/{k}/{b:02d}" for b in range(4) for k in ("importance", "active"))])
+        rows = [",".join(["0", str(step), *(v for b in range(4) for v in ("nan", "1.0" if trains(step, b) else "0.0"))])
+                for step in range(40)]
+        metrics.write_text("\n".join([header, *rows]) + "\n")
+        picture = matplotlib.image.imread(draw(metrics, tmp_path / f"{name}.png"))
+        return int((picture[..., :3].max(axis=-1) < 0.2).sum())
+
+    trained, idle = dark_pixels("lisa", lambda step, b: b in (step % 4, 3)), dark_pixels("idle", lambda step, b: False)
+    assert trained > idle + 200  # the marks of the trained blocks, beside the same axes and labels
 
 
 def test_heat_map_of_a_run_without_importance_is_skipped(tmp_path):

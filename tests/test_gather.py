@@ -7,12 +7,13 @@ import pytest
 from grass_lightning.gather import averages, gather, loss_curves, main, smooth_losses
 
 
-def _run(root, model, data, method, seed, score, losses=None, scores=None):
-    folder = root / f"{model}-{data}-{method}-{seed}"
+def _run(root, model, data, method, seed, score, losses=None, scores=None, settings=None):
+    folder = root / "-".join([model, data, method, str(seed), *(f"{k}{v}" for k, v in sorted((settings or {}).items()))])
     (folder / "csv").mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({
         "model": model, "data": data, "method": method, "seed": seed, "score": score, "score_name": "accuracy",
         "score_before": None, "step_time_s": 1.0, "peak_memory_mb": 100.0, "trainable_params_max": 10,
+        "method_settings": {"lr": 1e-4, **(settings or {})},
         **({} if scores is None else {"scores": scores, "scores_before": {name: 0.25 for name in scores}})}))
     if losses is not None:
         (folder / "csv" / "metrics.csv").write_text(
@@ -60,7 +61,7 @@ def test_main_writes_both_tables(tmp_path, capsys):
         _run(tmp_path, "m", data, "lisa", 0, 0.5)
     main([str(tmp_path)])
     printed = capsys.readouterr().out
-    assert "| m | a | lisa | 1 |" in printed and "| m | lisa | 1 | 0.500 ± 0.000 | a, b |" in printed
+    assert "| m | a | lisa | 1 |" in printed and "| m | lisa | 1 | 0.500 ± – | a, b |" in printed  # one run: no spread
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["runs"]) == 2 and summary["mean_over_sets"][0]["sets"] == ["a", "b"]
     assert sum(line.startswith("|---|") for line in (tmp_path / "summary.md").read_text().splitlines()) == 2
@@ -85,3 +86,35 @@ def test_few_logged_losses_are_drawn_as_logged_and_many_are_smoothed():
     assert smooth_losses([4.0, 2.0, 0.0, 2.0], window=10) == (1, [4.0, 2.0, 0.0, 2.0])
     width, smooth = smooth_losses([float(i % 2) for i in range(100)], window=10)
     assert width == 10 and smooth[-1] == pytest.approx(0.5) and smooth[0] == 0.0
+
+
+def test_runs_that_differ_in_method_settings_get_rows_of_their_own(tmp_path, capsys):
+    """A sweep over method.temperature is not one row of mixed settings."""
+    for seed in (0, 1):
+        for temperature, score in ((0.25, 0.4), (1.0, 0.8)):
+            _run(tmp_path, "m", "copa", "grass", seed, score, settings={"temperature": temperature, "num_active": 2})
+    _run(tmp_path, "m", "sciq", "grass", 0, 0.1, settings={"temperature": 0.25, "num_active": 2})
+    _run(tmp_path, "m", "copa", "full", 0, 0.9)
+    rows = gather(tmp_path)
+    assert [(r["data"], r["method"], r["settings"], r["runs"]) for r in rows] == [
+        ("copa", "full", "", 1), ("copa", "grass", "temperature=0.25", 2), ("copa", "grass", "temperature=1.0", 2),
+        ("sciq", "grass", "temperature=0.25", 1)]
+    assert rows[1]["score"] == pytest.approx(0.4) and rows[2]["score"] == pytest.approx(0.8)
+    main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "| m | copa | grass | temperature=1.0 | 2 | – | 0.800 ± 0.000 |" in printed
+    assert "| m | sciq | grass | temperature=0.25 | 1 | – | 0.100 ± – |" in printed
+
+
+def test_failed_jobs_and_runs_without_logged_losses_are_reported(tmp_path, capsys):
+    _run(tmp_path, "m", "a", "grass", 0, 0.5, losses=[3, 2])
+    _run(tmp_path, "m", "a", "grass", 1, 0.5)  # too short to log a loss
+    crashed = tmp_path / "7" / ".hydra"
+    crashed.mkdir(parents=True)
+    (crashed / "overrides.yaml").write_text("- method.num_active=0\n- seed=1\n")
+    main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "Jobs without metrics.json (failed, or still running):\n- 7: method.num_active=0 seed=1" in printed
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == [
+        {"dir": "7", "overrides": ["method.num_active=0", "seed=1"]}]
+    assert "not in the loss curves: 1 run(s) logged no training loss" in printed

@@ -140,3 +140,41 @@ def test_probe_steps_leave_the_warmup_to_the_updates(probe_steps):
     expected = [1e-2 * lr_factor(step, warmup=3, total=8, kind="cosine") for step in range(8)]
     assert lrs["uniform"] == pytest.approx(expected)
     assert lrs["grass"] == pytest.approx(expected)
+
+
+def test_a_run_whose_every_loss_is_nan_stops_with_a_clear_error_instead_of_running_forever():
+    """Skipped non-finite steps do not count toward max_steps, so an all-NaN run never ended."""
+    import torch
+
+    from conftest import VOCAB, quiet_trainer, tiny_hf
+    from grass_lightning import GrassModule
+
+    tokens = torch.randint(0, VOCAB - 1, (12 * 4, 8), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = _PoisonedTokens.POISON  # every batch
+    module = GrassModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, max_nonfinite_steps=5))
+    trainer = quiet_trainer(max_steps=3)
+    with pytest.raises(FloatingPointError, match=r"5 optimizer steps in a row .*optim\.max_nonfinite_steps=5.*max_length"):
+        trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=4))
+    assert module.nonfinite_steps == 5 and trainer.global_step == 0
+
+
+def test_nonfinite_steps_that_are_not_in_a_row_do_not_stop_the_run():
+    import torch
+
+    from conftest import VOCAB, quiet_trainer, tiny_hf
+    from grass_lightning import GrassModule
+
+    tokens = torch.randint(0, VOCAB - 1, (12 * 4, 8), generator=torch.Generator().manual_seed(0))
+    tokens[::8, 0] = _PoisonedTokens.POISON  # every other batch
+    module = GrassModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, max_nonfinite_steps=2))
+    trainer = quiet_trainer(max_steps=6)
+    trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=4))
+    assert module.nonfinite_steps == 6 and trainer.global_step == 6
+
+
+def test_max_length_too_short_for_any_target_stops_the_app_early(tmp_path):
+    data = write_jsonl(tmp_path / "mc.jsonl", choice_rows())
+    cfg = compose_run(tmp_path / "run", "model=tiny_llama", "data=jsonl", f"data.path={data}", "data.max_length=1",
+                      "method.probe_steps=1", "optim.max_nonfinite_steps=4", "trainer.max_steps=3", "test_before=false")
+    with pytest.raises(FloatingPointError, match=r"4 optimizer steps in a row"):
+        run.train(cfg)

@@ -59,7 +59,7 @@ def test_three_jsonl_shapes(tmp_path):
     fixed = read_jsonl(tmp_path / "c.jsonl", labels=["pos", "neg"])
     assert fixed[0] == Choice("x", ("pos", "neg"), 0)
     mc = read_jsonl(write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "choices": ["a", "b", "c"], "label": 2}]))
-    assert mc == [Choice("q", ("a", "b", "c"), 2)]
+    assert mc == [Choice("Question: q\nAnswer:", ("a", "b", "c"), 2)]  # as the built-in sets ask
     pr = read_jsonl(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2=", "response": "4"}]))
     assert pr == [Generation("2+2=", "4", "4")]
 
@@ -84,3 +84,28 @@ def test_jsonl_errors_name_the_file_and_line(tmp_path):
     shapeless = write_jsonl(tmp_path / "s.jsonl", [{"sentence": "a"}])
     with pytest.raises(ValueError, match=r"s\.jsonl:1: expected the keys of one of"):
         read_jsonl(shapeless)
+
+
+def test_jsonl_files_that_cannot_train_are_refused_with_the_reason(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"data\.path='.*empty\.jsonl' is empty"):
+        read_jsonl(empty)
+    one_label = write_jsonl(tmp_path / "one.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "pos"}])
+    with pytest.raises(ValueError, match=r"one\.jsonl'.*every line has the label 'pos'.*at least two labels"):
+        read_jsonl(one_label)
+    assert len(read_jsonl(one_label, labels=["pos", "neg"])) == 2  # named labels: a file may hold one of them
+    named = write_jsonl(tmp_path / "n.jsonl", [{"question": "q", "choices": ["a", "b"], "label": "b"}])
+    with pytest.raises(ValueError, match=r"n\.jsonl:1: label 'b' must be the integer index of the right choice \(0\.\.1\)"):
+        read_jsonl(named)
+
+
+def test_a_prompt_template_makes_the_prompt_from_a_lines_keys(tmp_path):
+    rows = [{"question": "2+2?", "choices": ["3", "4"], "label": 1, "topic": "sums"}]
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    (record,) = read_jsonl(path, prompt_template="[{topic}] {question} ->")
+    assert record.prompt == "[sums] 2+2? ->"
+    with pytest.raises(ValueError, match=r"m\.jsonl:1: data\.prompt_template='\{context\}' names \{context\}, which"):
+        read_jsonl(path, prompt_template="{context}")
+    with pytest.raises(ValueError, match=r"data\.prompt_template='\{0\}' is not a format string"):
+        read_jsonl(path, prompt_template="{0}")
