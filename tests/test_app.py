@@ -193,7 +193,8 @@ def test_two_by_two_multirun_writes_two_metrics_per_method(tmp_path):
     gathered = subprocess.run([sys.executable, "-m", "grass_lightning.gather", str(sweep)], cwd=CONF.parent,
                               capture_output=True, text=True, timeout=60)
     assert gathered.returncode == 0, gathered.stderr
-    assert "| tiny-bert | jsonl | full | 2 |" in gathered.stdout and "| tiny-bert | jsonl | grass | 2 |" in gathered.stdout
+    # a JSONL data set is named by its file, so two files never share a row
+    assert "| tiny-bert | cls | full | 2 |" in gathered.stdout and "| tiny-bert | cls | grass | 2 |" in gathered.stdout
     assert (sweep / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
