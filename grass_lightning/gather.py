@@ -6,10 +6,10 @@ Runs are grouped by model, data (a JSONL file by its name) and method, and by th
 settings in which runs of one model and method differ (a sweep over ``method.temperature``
 gives a row per temperature, named in a ``settings`` column); each cell is the mean ± standard
 deviation over the runs (seeds) of the group, "–" for the spread of a single run. Hydra jobs
-that left no metrics.json (failed, or still running) are listed below the tables. When a model ran on two or more data sets, a second table gives
-each method's score averaged over the sets (the paper's "Avg." column). Writes summary.md,
-summary.json and loss_curves.png (training loss per method, mean over seeds, one panel per
-model and data set) beside the runs.
+that left no metrics.json (failed, or still running) are listed below the tables. When a model
+ran on two or more data sets, a second table gives each method's score averaged over the sets
+(the paper's "Avg." column). Writes summary.md, summary.json and loss_curves.png (training loss
+per method, mean over seeds, one panel per model and data set) beside the runs.
 
 The score is each run's headline score; ``--score accuracy_norm`` tabulates another score the
 runs recorded (``scores`` in metrics.json) into summary_accuracy_norm.md and .json instead.
