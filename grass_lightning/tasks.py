@@ -200,7 +200,7 @@ class AnswerGeneration(_CausalLM):
                              pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         rows = [{"prompt": prompt, "generated": text, "extracted": self._extract(text), "answer": answer,
-                 "match": self._extract(text) == self._extract(answer)}
+                 "match": self._matches(text, answer)}
                 for prompt, text, answer in zip(batch["prompts"], texts, batch["answers"])]
         metrics["exact_match"].update(torch.tensor([row["match"] for row in rows], dtype=torch.float32))
         return rows
