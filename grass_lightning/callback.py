@@ -42,7 +42,6 @@ from grass_lightning.schedule import GrassSchedule
 from grass_lightning.strategy import OffloadingStrategy
 
 _SHARDING = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
-ACTIVE_SLOT = "active_"  # progress-bar keys active_0, active_1, ...: one per active block
 
 
 class GrassCallback(Callback):
@@ -123,6 +122,7 @@ class GrassCallback(Callback):
         self._stepped = False
         self._user_max_steps: int | None = None  # the Trainer's, given back when fit ends
         self._lr_before_probe: list[tuple[dict, list[float]]] | None = None
+        self.last_step = ""  # what the last step did, for a progress bar: "probe" or the blocks, "3,17"
 
     @property
     @override
@@ -228,6 +228,7 @@ class GrassCallback(Callback):
         if probing:
             self._hold_lr(trainer)
         self.schedule.end_step()
+        self.last_step = "probe" if probing else ",".join(map(str, trained))
         self._log(pl_module, probing, trained)
 
     @override
@@ -281,9 +282,6 @@ class GrassCallback(Callback):
             metrics["grass/moments_device_mb"] = schedule.offloader.device_bytes() / 2**20
             metrics["grass/moments_host_mb"] = schedule.offloader.host_bytes() / 2**20
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-        if trained:
-            bar = {f"{ACTIVE_SLOT}{slot}": float(block) for slot, block in enumerate(trained)}
-            pl_module.log_dict(bar, on_step=True, on_epoch=False, prog_bar=True, logger=False)
 
 
 def loss_scaler(trainer: Trainer):

@@ -47,6 +47,20 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 transformers.logging.disable_progress_bar()  # a bar per loaded weight tensor
+log = logging.getLogger(__name__)
+
+
+def _log_through_root() -> None:
+    """Lightning's messages through the root logger, to which Hydra sends the console and the run
+    directory's train.log: imported before Hydra sets logging up, Lightning keeps console handlers
+    of its own and the file stays empty. Nothing changes outside a Hydra run."""
+    if not logging.getLogger().hasHandlers():
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        own = logging.getLogger(name)
+        for handler in list(own.handlers):
+            own.removeHandler(handler)
+        own.propagate = True
 
 
 def load_records(data: dict) -> list:
@@ -64,6 +78,7 @@ def load_records(data: dict) -> list:
 def train(cfg: DictConfig) -> float:
     """Fine-tune as configured; returns the held-out score after training (for sweepers)."""
     started = time.perf_counter()
+    _log_through_root()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_trainer(cfg.trainer)
@@ -147,18 +162,18 @@ def train(cfg: DictConfig) -> float:
     }
     if trainer.is_global_zero:
         _write_json(out_dir / "metrics.json", metrics)
-        print(f"\n{data_name} test {task.score_name} ({len(splits.test)} examples): "
+        log.info(f"\n{data_name} test {task.score_name} ({len(splits.test)} examples): "
               f"{'' if before is None else f'before {before:.4f} -> '}after {after:.4f}  [{method.name}, {spec.name}, "
               f"{trainer.global_step - probe_steps} updates{f' after {probe_steps} probe steps' if probe_steps else ''}]")
         others = ", ".join(f"{name} {value:.4f}" for name, value in scores.items() if name != task.score_name)
-        print(f"metrics: {out_dir / 'metrics.json'}" + (f" (also {others})" if others else ""))
+        log.info(f"metrics: {out_dir / 'metrics.json'}" + (f" (also {others})" if others else ""))
         if test_rows:  # generation: what was generated, so that a score can be read, not only believed
             _write_text(out_dir / "generations.jsonl", "".join(json.dumps(row) + "\n" for row in test_rows))
-            print(f"test generations: {out_dir / 'generations.jsonl'}")
+            log.info(f"test generations: {out_dir / 'generations.jsonl'}")
         if method.callbacks and isinstance(trainer.logger, CSVLogger):
             heatmap = draw_heatmap(Path(trainer.logger.log_dir) / "metrics.csv", out_dir / "importance.png")
             if heatmap is not None:
-                print(f"importance heat-map: {heatmap}")
+                log.info(f"importance heat-map: {heatmap}")
     del trainer, module, model, datamodule
     gc.collect()
     if torch.cuda.is_available():

@@ -2,14 +2,18 @@
 
 - `Classification`: a sequence classifier over `Choice` records whose choices are a fixed set
   of label names; accuracy.
-- `ChoiceScoring`: a causal LM learns prompt + right choice (loss on the choice tokens only) and
-  is scored by multiple-choice log-likelihood: the choice whose tokens have the highest summed
-  log-probability after the prompt wins; accuracy. Also `accuracy_norm`, the same with each sum
-  divided by the choice's length in characters (lm-eval's ``acc_norm``): summed log-likelihood
-  favours short choices, which sinks sets whose right answers are long (OpenBookQA).
-- `AnswerGeneration`: a causal LM learns prompt + response (loss on the response) and is scored
-  by greedy generation, exact match of the answer (of the final number for arithmetic). Its
-  `update` returns what it generated, one row per example, so that a score of 0.0 can be read.
+- `ChoiceScoring`: a causal LM learns prompt + right choice (loss on the choice tokens only, no
+  end-of-sequence token: scoring never reads it, and on SmolLM2 its loss of 11 nats outweighed
+  the answer's 8) and is scored by multiple-choice log-likelihood: the choice whose tokens have
+  the highest summed log-probability after the prompt wins; accuracy. Also `accuracy_norm`, the
+  same with each sum divided by the choice's length in characters, without the space before it
+  (lm-eval 0.4's ``acc_norm``): summed log-likelihood favours short choices, which sinks sets
+  whose right answers are long (OpenBookQA).
+- `AnswerGeneration`: a causal LM learns prompt + response + end-of-sequence (the model must learn
+  to stop) and is scored by greedy generation, exact match of the answer (of the final number for
+  arithmetic). Generation stops once the answer's number is written when every response ends in
+  it after a common lead (GSM8K's "The answer is"), or is just the number. Its `update` returns
+  what it generated, one row per example, so that a score of 0.0 can be read.
 
 ``update(metrics, model, batch)`` adds a batch to the metrics and returns per-example rows to
 keep, or None.
@@ -17,15 +21,19 @@ keep, or None.
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
 import torchmetrics
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from grass_lightning.sources import Choice, Generation, Record
 
 IGNORE = -100
+NUMBER = r"-?\d[\d,]*\.?\d*"
+FINISHED_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:[^\d,.]|[,.]\D)"  # a character follows that cannot continue it
 
 
 def task_class(kind: str, records: list[Record]) -> type:
@@ -121,7 +129,7 @@ class ChoiceScoring(_CausalLM):
         self.max_choices = max(len(r.choices) for r in records)
 
     def collate(self, records: list[Choice]) -> dict:
-        return self._pad([self._encode(r.prompt, r.choices[r.label], eos=True) for r in records])
+        return self._pad([self._encode(r.prompt, r.choices[r.label], eos=False) for r in records])
 
     def collate_eval(self, records: list[Choice]) -> dict:
         """Every (example, choice) pair as one sequence, padded on the left so that all choices end
@@ -132,7 +140,7 @@ class ChoiceScoring(_CausalLM):
             for j, choice in enumerate(r.choices):
                 pairs.append(self._encode(r.prompt, choice, eos=False))
                 rows.append((i, j))
-                chars[i, j] = len(" " + choice)  # the continuation as `_encode` writes it
+                chars[i, j] = len(choice)  # lm-eval: the choice without the delimiter before it
         batch = self._pad(pairs, left=True)
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # each counts from 0, as unpadded
         batch["example"], batch["choice"] = torch.tensor(rows).T
@@ -175,6 +183,7 @@ class AnswerGeneration(_CausalLM):
         super().__init__(tokenizer, max_length)
         self.max_new_tokens = max_new_tokens
         self.numeric = all(_final_number(r.answer) == r.answer.strip().replace(",", "") for r in records)
+        self.answer_end = _answer_end([r.response for r in records]) if self.numeric else None
 
     def collate(self, records: list[Generation]) -> dict:
         return self._pad([self._encode(r.prompt, r.response, eos=True) for r in records])
@@ -190,6 +199,11 @@ class AnswerGeneration(_CausalLM):
             "prompts": [r.prompt for r in records],
         }
 
+    def _stopping(self, prompt_width: int) -> StoppingCriteriaList | None:
+        if self.answer_end is None:
+            return None
+        return StoppingCriteriaList([_StopAtAnswerEnd(self.tokenizer, self.answer_end, prompt_width)])
+
     def metrics(self) -> torchmetrics.MetricCollection:
         return torchmetrics.MetricCollection({"exact_match": torchmetrics.MeanMetric()})
 
@@ -197,7 +211,8 @@ class AnswerGeneration(_CausalLM):
     def update(self, metrics: torchmetrics.MetricCollection, model: nn.Module, batch: dict) -> list[dict]:
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              max_new_tokens=self.max_new_tokens, do_sample=False,
-                             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+                             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                             stopping_criteria=self._stopping(batch["input_ids"].shape[1]))
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         rows = [{"prompt": prompt, "generated": text, "extracted": self._extract(text), "answer": answer,
                  "match": self._matches(text, answer)}
@@ -213,6 +228,39 @@ class AnswerGeneration(_CausalLM):
         return self._extract(text) == self._extract(answer)
 
 
+class _StopAtAnswerEnd(StoppingCriteria):
+    """Ends a row once its new text holds the answer's finished number: greedy decoding would
+    otherwise run on to ``max_new_tokens`` whenever the model has not learnt to stop."""
+
+    def __init__(self, tokenizer, answer_end: re.Pattern, prompt_width: int) -> None:
+        self.tokenizer, self.answer_end, self.prompt_width = tokenizer, answer_end, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        return torch.tensor([self.answer_end.search(t) is not None for t in texts], device=input_ids.device)
+
+
+def _answer_end(responses: list[str]) -> re.Pattern | None:
+    """A pattern that first matches every response right after its final number: the words all
+    responses put before it ("The answer is"; none when a response is just the number) and the
+    number, finished. None when no such pattern exists (chain of thought without a common lead):
+    then generation stops at end-of-sequence or ``max_new_tokens``."""
+    finals = [list(re.finditer(NUMBER, response)) for response in responses]
+    if not all(finals):
+        return None
+    leads = [response[: numbers[-1].start()] for response, numbers in zip(responses, finals)]
+    lead = os.path.commonprefix([lead[::-1] for lead in leads])[::-1]
+    if lead and any(head[: len(head) - len(lead)][-1:].isalnum() for head in leads):
+        lead = re.sub(r"^\w+", "", lead)  # it begins inside a word: drop the part word
+    lead = re.sub(r"^\W+", "", lead).strip()  # ". The answer is": the model may start a line with it
+    pattern = re.compile(re.escape(lead) + r"\s*" + FINISHED_NUMBER if lead else FINISHED_NUMBER)
+    for response, numbers in zip(responses, finals):
+        found = pattern.search(response + "\n")
+        if found is None or found.end() <= numbers[-1].start():  # it would stop at an earlier number
+            return None
+    return pattern
+
+
 def _final_number(text: str) -> str | None:
-    numbers = re.findall(r"-?\d[\d,]*\.?\d*", text)
+    numbers = re.findall(NUMBER, text)
     return numbers[-1].replace(",", "").rstrip(".") if numbers else None

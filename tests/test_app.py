@@ -246,7 +246,7 @@ def test_a_generation_run_saves_what_it_generated_for_every_test_example(tmp_pat
     assert sum(row["match"] for row in rows) / len(rows) == pytest.approx(score)
 
 
-def test_a_normal_run_prints_no_third_party_noise(tmp_path):
+def test_a_normal_run_prints_no_third_party_noise_and_keeps_its_log(tmp_path):
     data = write_jsonl(tmp_path / "mc.jsonl", choice_rows())
     command = [sys.executable, "train.py", "model=tiny_llama", "data=jsonl", f"data.path={data}", "trainer.max_steps=3",
                "method.probe_steps=1", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
@@ -257,6 +257,10 @@ def test_a_normal_run_prints_no_third_party_noise(tmp_path):
     for noise in ("litlogger", "LeafSpec", "`weights_only` was not set", "smaller than the logging interval"):
         assert noise not in printed, noise
     assert "test accuracy" in printed and "GRASS: 4 blocks" in printed  # what the run has to say stays
+    assert printed.count("GRASS: 4 blocks") == 1  # once, not once per logging handler
+    kept = (tmp_path / "run" / "train.log").read_text()  # the run directory keeps it too, timed
+    for said in ("Seed set to 0", "GRASS: 4 blocks", "test accuracy", "metrics: "):
+        assert said in kept, said
 
 
 def test_grass_run_draws_the_importance_heat_map(tmp_path, data_files):

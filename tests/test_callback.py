@@ -3,10 +3,12 @@
 import pytest
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from conftest import HFModule, ScaledModule, hf_loss, quiet_trainer, regression_loader, token_loader
 from grass_lightning import GrassCallback
+from grass_lightning.progress import GrassProgressBar
 
 
 class Spy(Callback):
@@ -233,8 +235,16 @@ def test_importance_probabilities_and_active_set_are_logged_against_the_step_the
         logged = [b for b in range(4) if float(row[f"grass/active/{b:02d}"]) == 1.0]
         trained = _changed_blocks(step["changed"], "model.model.layers")
         assert logged == sorted(trained) == ([] if step["probing"] else step["active"])
-    shown = sorted(int(trainer.progress_bar_metrics[f"active_{i}"]) for i in range(2))
-    assert shown == spy.steps[-1]["active"]  # the bar too: the blocks the last step trained
+    module = trainer.lightning_module
+    assert not any(k.startswith("active") for k in TQDMProgressBar().get_metrics(trainer, module))  # stock bar: no floats
+    assert GrassProgressBar().get_metrics(trainer, module)["active"] == ",".join(map(str, spy.steps[-1]["active"]))
+
+
+def test_the_grass_bar_says_probe_while_probing():
+    grass = GrassCallback(num_active=2, probe_steps=3, seed=0)
+    trainer = quiet_trainer(max_steps=-1, max_epochs=1, limit_train_batches=2, callbacks=[grass])
+    trainer.fit(HFModule("llama"), token_loader())
+    assert GrassProgressBar().get_metrics(trainer, trainer.lightning_module)["active"] == "probe"
 
 
 def _run_grass(tmp_path, max_steps, ckpt_path=None, checkpoints=False, strategy="auto", idle_moments="drop",

@@ -22,15 +22,18 @@ def test_task_follows_model_kind_and_record_kind():
         task_class("classification", [Choice("q", ("a", "b"), 0), Choice("q", ("c", "d"), 1)])
 
 
-def test_sft_loss_covers_the_continuation_only():
+def test_choice_training_scores_the_choice_without_end_of_sequence_and_generation_with_it():
     task = ChoiceScoring(byte_tokenizer(), 64, [Choice("Q", ("yes", "no"), 1)])
     batch = task.collate([Choice("Q: ab", ("yes", "no"), 1), Choice("Q", ("yes", "no"), 0)])
     tok = byte_tokenizer()
     labels = batch["labels"][0].tolist()
     scored = [t for t in labels if t != IGNORE]
-    assert scored == tok(" no", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert scored == tok(" no", add_special_tokens=False)["input_ids"]  # scoring never reads <eos>
     assert labels[: len(tok("Q: ab")["input_ids"])] == [IGNORE] * len(tok("Q: ab")["input_ids"])
     assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()  # padded row
+    generation = AnswerGeneration(tok, 64, [Generation("Q", "42", "42")])
+    labels = generation.collate([Generation("Q", "42", "42")])["labels"][0].tolist()
+    assert [t for t in labels if t != IGNORE] == tok(" 42", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
 def test_long_prompts_are_cut_from_the_left_and_keep_the_answer():
@@ -61,7 +64,7 @@ def test_choice_scores_equal_one_unpadded_sequence_at_a_time():
     metrics = task.metrics()
     task.update(metrics, model, batch)
     target = torch.tensor([r.label for r in records])
-    chars = torch.tensor([[len(" " + c) for c in r.choices] + [1.0] * (3 - len(r.choices)) for r in records])
+    chars = torch.tensor([[len(c) for c in r.choices] + [1.0] * (3 - len(r.choices)) for r in records])
     computed = metrics.compute()
     assert computed["accuracy"].item() == pytest.approx((expected.argmax(-1) == target).float().mean().item())
     assert computed["accuracy_norm"].item() == pytest.approx(
@@ -72,10 +75,24 @@ def test_length_normalised_accuracy_can_pick_the_long_answer_that_the_sum_reject
     task = ChoiceScoring(byte_tokenizer(), 64, [Choice("Q", ("ab", "abcdefgh"), 1)])
     batch = task.collate_eval([Choice("Q", ("ab", "abcdefgh"), 1)])
     metrics = task.metrics()
-    # summed log-likelihoods -3 (3 chars) vs -6 (9 chars): the sum picks the short one, per char the long one
+    # summed log-likelihoods -3 (2 chars) vs -6 (8 chars): the sum picks the short one, per char the long one
     task.choice_scores = lambda model, batch: torch.tensor([[-3.0, -6.0]])
     task.update(metrics, None, batch)
     assert {name: value.item() for name, value in metrics.compute().items()} == {"accuracy": 0.0, "accuracy_norm": 1.0}
+
+
+def test_length_normalisation_is_lm_evals_acc_norm_by_the_choice_without_its_leading_space():
+    # lm-eval 0.4.13 (api/task.py, process_results): completion_len = len(choice); acc_norm = argmax(ll / len).
+    # By hand: "ab" -2.2 / 2 = -1.10, "abcd" -4.2 / 4 = -1.05, so choice 1. Dividing by len(" " + choice)
+    # would give -2.2 / 3 = -0.733 and -4.2 / 5 = -0.84, choice 0.
+    record = Choice("Q", ("ab", "abcd"), 1)
+    task = ChoiceScoring(byte_tokenizer(), 64, [record])
+    batch = task.collate_eval([record])
+    assert batch["choice_chars"].tolist() == [[2.0, 4.0]]
+    task.choice_scores = lambda model, batch: torch.tensor([[-2.2, -4.2]])
+    metrics = task.metrics()
+    task.update(metrics, None, batch)
+    assert metrics.compute()["accuracy_norm"].item() == 1.0
 
 
 def test_final_number_and_exact_match():
@@ -93,3 +110,42 @@ def test_generation_collates_left_padded_prompts():
     batch = task.collate_eval([Generation("long prompt", "r", "1"), Generation("p", "r", "2")])
     assert batch["attention_mask"][1].tolist()[0] == 0 and batch["attention_mask"][1].tolist()[-1] == 1
     assert batch["answers"] == ["1", "2"]
+
+
+def test_numeric_answers_end_generation_once_the_number_after_the_common_lead_is_written():
+    tok = byte_tokenizer()
+    gsm = AnswerGeneration(tok, 64, [Generation("p", "3 + 4 = 7 apples. 7 * 2 = 14. The answer is 14", "14"),
+                                     Generation("p", "Half of 10 is 5. The answer is 5", "5")])
+    stop = gsm._stopping(prompt_width=2)[0]
+    prompt = tok("p", add_special_tokens=False)["input_ids"] * 2
+
+    def stops(*texts):
+        rows = [prompt + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(map(len, rows))
+        return stop(torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows]), None).tolist()
+
+    assert stops("It is 3 + 4 = 7. ", "The answer is 1", "The answer is 1,2", "The answer is 12\n") == \
+        [False, False, False, True]
+    bare = AnswerGeneration(tok, 64, [Generation("p", "18", "18"), Generation("p", "-2.5", "-2.5")])
+    assert bare._stopping(2)[0].answer_end.search("18 and more") and not bare._stopping(2)[0].answer_end.search("18")
+    thought = AnswerGeneration(tok, 64, [Generation("p", "2 and 3 make 5", "5"), Generation("p", "so 4", "4")])
+    assert thought._stopping(2) is None  # no lead that fires at the final number only: stop at <eos>
+    words = AnswerGeneration(tok, 64, [Generation("p", "Paris", "Paris")])
+    assert words._stopping(2) is None
+
+
+def test_generation_passes_its_stopping_rule_and_keeps_what_it_generated():
+    tok = byte_tokenizer()
+    task = AnswerGeneration(tok, 64, [Generation("p", "The answer is 4", "4")], max_new_tokens=8)
+    batch = task.collate_eval([Generation("p", "The answer is 4", "4")])
+    seen = {}
+
+    class Scripted:
+        def generate(self, input_ids, stopping_criteria, **kwargs):
+            seen["stop"] = stopping_criteria
+            return torch.cat([input_ids, torch.tensor([tok("The answer is 4\n", add_special_tokens=False)["input_ids"]])], 1)
+
+    metrics = task.metrics()
+    (row,) = task.update(metrics, Scripted(), batch)
+    assert seen["stop"][0].prompt_width == batch["input_ids"].shape[1]
+    assert row["extracted"] == "4" and row["match"] and metrics.compute()["exact_match"].item() == 1.0
