@@ -89,6 +89,12 @@ class ActiveSet:
         if self.offloader is not None:
             self.offloader.set_active(active)
 
+    def open_idle(self) -> None:
+        """Let idle blocks take gradients too, to be measured (a re-probe step): their moments and
+        the offloader's active set stay as they are; `activate` freezes them again."""
+        for params in self._blocks:
+            self._set(params, True)
+
     def restore(self) -> None:
         """Give back the ``requires_grad`` flags the user had before training."""
         for params in (*self._blocks, self._outside):

@@ -71,6 +71,10 @@ class GrassCallback(Callback):
             ``seed_everything`` governs it.
         normalization: ``"max"`` or ``"zscore"`` normalisation of the importance before the
             softmax. Default ``"max"``.
+        reprobe_steps: 0 (the paper's rule) refreshes only the blocks just trained; k > 0 makes
+            the last k steps of each refresh window re-probe steps, which measure every block
+            (and still train the active set), so a refresh compares all blocks at one point of
+            training. Default 0.
 
     Raises:
         ValueError: for an argument out of range, at construction; at fit start, for a
@@ -97,6 +101,7 @@ class GrassCallback(Callback):
         idle_moments: str = "drop",
         seed: int | None = None,
         normalization: str = "max",
+        reprobe_steps: int = 0,
     ) -> None:
         self.config = GrassConfig(
             num_active=num_active,
@@ -107,6 +112,7 @@ class GrassCallback(Callback):
             ema=ema,
             sampler=sampler,
             normalization=normalization,
+            reprobe_steps=reprobe_steps,
             train_embeddings=train_embeddings,
             train_head=train_head,
             idle_moments=idle_moments,

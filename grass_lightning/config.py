@@ -18,6 +18,10 @@ The paper published no defaults; these are what we recommend and why:
   vocabulary-sized (70% of what LISA trains at 8B), and freezing them lets backward stop at
   the lowest active block. Set True to match LISA and the paper.
 - ``train_head=True``: the final norm and LM/task head adapt the output to the task cheaply.
+- ``reprobe_steps=0``: the paper's rule, a refresh re-measures only the blocks just trained. Set
+  it to 1-2 to measure every block in the last steps of each refresh window instead, so that
+  the refresh compares all blocks at one point of training (gradient norms drift 20-40x over a
+  run, and blocks not drawn early otherwise keep probe-time values); see `GrassSchedule`.
 - ``idle_moments="drop"``: bounded optimizer memory without offloading. ``"keep"`` keeps Adam
   continuity but, on a plain strategy, memory grows toward full fine-tuning.
 """
@@ -46,11 +50,23 @@ class GrassConfig:
     train_embeddings: bool = False
     train_head: bool = True
     idle_moments: str = "drop"
+    reprobe_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_active", "sampling_period", "refresh_interval"):
             _require_int(name, getattr(self, name), minimum=1)
         _require_int("probe_steps", self.probe_steps, minimum=0)
+        _require_int("reprobe_steps", self.reprobe_steps, minimum=0)
+        if self.reprobe_steps > self.refresh_interval:
+            raise ValueError(
+                f"reprobe_steps={self.reprobe_steps} exceeds refresh_interval={self.refresh_interval}: the "
+                f"re-probe is the last steps of each refresh window."
+            )
+        if self.reprobe_steps and self.sampler != "grass":
+            raise ValueError(
+                f"reprobe_steps={self.reprobe_steps} with sampler={self.sampler!r}: only sampler='grass' "
+                f"refreshes importance; set reprobe_steps=0."
+            )
         if not _is_number(self.temperature) or not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature={self.temperature!r} must be a finite number > 0.")
         if not _is_number(self.ema) or not 0 < self.ema <= 1:

@@ -19,7 +19,7 @@ still scaled, or not yet all-reduced. Read the finished gradients there instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import nn
@@ -31,10 +31,12 @@ class GradientProbe:
     Args:
         blocks: parameters of each block, in block order.
         indices: the blocks to read; their frozen parameters are not read.
-        free: drop each gradient once read (probing: measure, update nothing).
+        free: blocks whose gradients are dropped once read: all of them while probing (measure,
+            update nothing), the idle ones in a re-probe step (measure them, train the active set).
     """
 
-    def __init__(self, blocks: Sequence[Sequence[nn.Parameter]], indices: Sequence[int], free: bool) -> None:
+    def __init__(self, blocks: Sequence[Sequence[nn.Parameter]], indices: Sequence[int],
+                 free: Collection[int] = ()) -> None:
         self._numel = [sum(p.numel() for p in ps) for ps in blocks]
         self._sq: list[torch.Tensor | float] = [0.0] * len(blocks)
         self._passes = 0
@@ -43,7 +45,7 @@ class GradientProbe:
             for p in blocks[index]:
                 if p.requires_grad:
                     self._handles.append(p.register_hook(self._reader(index)))
-                    if free:
+                    if index in free:
                         self._handles.append(p.register_post_accumulate_grad_hook(_free))
 
     def _reader(self, index: int):

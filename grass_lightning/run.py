@@ -45,7 +45,7 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: not any(tip in record.getMessage() for tip in ("litlogger", "litmodels")))
 transformers.logging.disable_progress_bar()  # a bar per loaded weight tensor
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,13 @@ LR schedule should not advance during them (`GrassCallback` holds it back). Then
 ``refresh_interval`` steps the importance estimate blends in the blocks measured since the
 last refresh, and every ``sampling_period`` steps a new active set is drawn (after the refresh
 when both fall on one step, so the draw sees the newest estimate).
+
+What a refresh blends in: by the paper's rule (``reprobe_steps=0``) the blocks trained in the
+window, measured in every step of it; idle blocks keep their old values, measured when the
+gradients had another scale. With ``reprobe_steps=k`` the last k steps of each window are
+re-probe steps instead: every block takes a gradient, idle blocks' gradients are read and
+dropped in backward (the probe's memory rule), the active set still trains, and the refresh
+blends in those k steps' readings of every block, all taken at one point of training.
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ class GrassSchedule:
         self.logits = torch.zeros(len(layout), dtype=torch.float64)  # uniform until the probe ends
         self._blocks = [layout.block_params(i) for i in range(len(layout))]
         self._probe: GradientProbe | None = None
+        self._idle_open = False  # idle blocks take gradients: a re-probe step
         self.offloader = MomentOffloader(self._blocks, optimizers[0], offload) if offload != "none" else None
         self.active_set.offloader = self.offloader
 
@@ -92,7 +100,7 @@ class GrassSchedule:
         """Apply the current phase to the model: begin probing, or (re)activate the active set."""
         if self.probing:
             self.active_set.probe()
-            self._listen(range(len(self._blocks)), free=True)
+            self._listen(range(len(self._blocks)), free=range(len(self._blocks)))
         elif not self.active:
             self._draw()
         else:
@@ -106,17 +114,18 @@ class GrassSchedule:
     def measure(self) -> None:
         """Record r_l from this step's complete, unscaled gradients (before the optimizer step).
 
-        While probing this also drops every block gradient, so the step updates nothing. A block
-        that received no gradient in the step (a skipped backward) stays unmeasured.
+        While probing this also drops every block gradient, so the step updates nothing; in a
+        re-probe step, the idle blocks' gradients. A block that received no gradient in the step
+        (a skipped backward) stays unmeasured.
         """
         if self._probe is not None:
             self.importance.record(*self._probe.take())
-        elif self.probing:
+        elif self.probing or self.reprobing:
             self._record_finished(range(len(self._blocks)))
-            for params in self._blocks:
-                for p in params:
+            for index in self._idle():
+                for p in self._blocks[index]:
                     p.grad = None
-        elif self._refreshing:
+        elif self._refreshing and not self.config.reprobe_steps:
             self._record_finished(self.active)
 
     def end_step(self) -> bool:
@@ -132,6 +141,8 @@ class GrassSchedule:
             self._refresh()
         if trained % self.config.sampling_period == 0:
             return self._draw()
+        if self.reprobing != self._idle_open:
+            self._activate()  # a re-probe begins or ends
         return False
 
     def close(self) -> None:
@@ -141,6 +152,18 @@ class GrassSchedule:
         self.active_set.restore()
         if self.offloader is not None:
             self.offloader.close()
+
+    @property
+    def reprobing(self) -> bool:
+        """Whether the step about to be taken is a re-probe step (every block measured)."""
+        if self.probing or not self.config.reprobe_steps:
+            return False
+        position = (self.step - self.config.probe_steps) % self.config.refresh_interval
+        return position >= self.config.refresh_interval - self.config.reprobe_steps
+
+    def _idle(self) -> list[int]:
+        """Blocks outside the active set (all of them while probing)."""
+        return [b for b in range(len(self._blocks)) if self.probing or b not in self.active]
 
     @property
     def _refreshing(self) -> bool:
@@ -153,7 +176,7 @@ class GrassSchedule:
         if blocks:
             self.importance.record(blocks, torch.stack([block_rms(self._blocks[b]) for b in blocks]))
 
-    def _listen(self, blocks: Sequence[int], free: bool) -> None:
+    def _listen(self, blocks: Sequence[int], free: Sequence[int] = ()) -> None:
         """Read the gradients of ``blocks`` in backward from now on (if this schedule does)."""
         self._remove_probe()
         if self.measure_in_backward:
@@ -177,8 +200,12 @@ class GrassSchedule:
 
     def _activate(self) -> None:
         self.active_set.activate(self.active)
-        if self._refreshing:
-            self._listen(self.active, free=False)
+        self._idle_open = self.reprobing
+        if self.reprobing:
+            self.active_set.open_idle()
+            self._listen(range(len(self._blocks)), free=self._idle())
+        elif self._refreshing and not self.config.reprobe_steps:
+            self._listen(self.active)
         else:
             self._remove_probe()
 

@@ -1,7 +1,7 @@
 """What is learned and how it is scored: tokenisation, loss and held-out metric per task.
 
 - `Classification`: a sequence classifier over `Choice` records whose choices are a fixed set
-  of label names; accuracy.
+  of label names; accuracy, and the held-out cross-entropy.
 - `ChoiceScoring`: a causal LM learns prompt + right choice (loss on the choice tokens only, no
   end-of-sequence token: scoring never reads it, and on SmolLM2 its loss of 11 nats outweighed
   the answer's 8) and is scored by multiple-choice log-likelihood: the choice whose tokens have
@@ -79,14 +79,17 @@ class Classification:
         return model(**batch).loss
 
     def metrics(self) -> torchmetrics.MetricCollection:
+        """Accuracy, and the held-out cross-entropy ``loss``, which moves before accuracy does."""
         return torchmetrics.MetricCollection(
-            {"accuracy": torchmetrics.classification.MulticlassAccuracy(self.num_labels, average="micro")})
+            {"accuracy": torchmetrics.classification.MulticlassAccuracy(self.num_labels, average="micro"),
+             "loss": torchmetrics.MeanMetric()})
 
     @torch.no_grad()
     def update(self, metrics: torchmetrics.MetricCollection, model: nn.Module, batch: dict) -> None:
         labels = batch["labels"]
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         metrics["accuracy"].update(logits.argmax(-1), labels)
+        metrics["loss"].update(nn.functional.cross_entropy(logits.float(), labels, reduction="none"))
 
 
 class _CausalLM:

@@ -423,3 +423,17 @@ def test_probe_steps_hold_a_users_warmup_schedule_in_automatic_optimization():
         quiet_trainer(max_steps=6, callbacks=[grass, spy, seen]).fit(WarmUp(), token_loader())
         lrs[probe] = [lr for lr, step in zip(seen.lrs, spy.steps) if not step["probing"]]
     assert lrs[0] == lrs[3] == pytest.approx([1e-2 * min(1.0, (s + 1) / 4) for s in range(6)])
+
+
+def test_reprobe_steps_in_a_lightning_fit_train_the_active_set_and_refresh_every_block():
+    grass = GrassCallback(num_active=1, sampling_period=3, refresh_interval=3, probe_steps=2, reprobe_steps=1, seed=0)
+    spy = Spy(grass)
+    trainer = quiet_trainer(max_steps=9, callbacks=[grass, spy])
+    trainer.fit(HFModule("llama"), token_loader())
+    training = [s for s in spy.steps if not s["probing"]]
+    assert len(training) == 9
+    for step in training:
+        assert _changed_blocks(step["changed"], "model.model.layers") == set(step["active"])
+    for window in range(3):  # each refresh re-measures every block: all four estimates move
+        before = training[3 * window - 1]["estimate"] if window else spy.steps[1]["estimate"]
+        assert (training[3 * window + 2]["estimate"] != before).all()

@@ -20,7 +20,7 @@ def test_probe_reads_the_norms_that_backward_produced_and_frees_the_gradients():
     expected = torch.stack([block_rms(ps) for ps in _blocks(model)])
     model.zero_grad(set_to_none=True)
 
-    probe = GradientProbe(_blocks(model), range(4), free=True)
+    probe = GradientProbe(_blocks(model), range(4), free=range(4))
     probe.begin_backward()
     torch.nn.functional.mse_loss(model(x), y).backward()
     read, rms = probe.take()
@@ -39,7 +39,7 @@ def test_probe_holds_at_most_one_parameter_gradient_at_a_time():
         live.append(sum(p.grad.numel() for ps in _blocks(model) for p in ps if p.grad is not None))
 
     handles = [p.register_post_accumulate_grad_hook(count) for ps in _blocks(model) for p in ps]
-    probe = GradientProbe(_blocks(model), range(4), free=True)  # registered after: runs after `count` on each param
+    probe = GradientProbe(_blocks(model), range(4), free=range(4))  # registered after: runs after `count` on each param
     x, y = regression_batch(torch.Generator().manual_seed(0))
     torch.nn.functional.mse_loss(model(x), y).backward()
     assert max(live) <= largest
@@ -61,7 +61,7 @@ def test_accumulated_probe_rescales_each_pass_to_a_full_step():
     numel = torch.tensor([sum(p.numel() for p in ps) for ps in _blocks(model)], dtype=torch.float32)
     expected = (2 * (per_pass[0] + per_pass[1]) / numel).sqrt()
 
-    probe = GradientProbe(_blocks(model), range(4), free=True)
+    probe = GradientProbe(_blocks(model), range(4), free=range(4))
     for x, y in batches:
         probe.begin_backward()
         (torch.nn.functional.mse_loss(model(x), y) / 2).backward()
@@ -81,7 +81,7 @@ def test_accumulated_probe_rescales_each_pass_to_a_full_step():
 
 def test_removed_probe_leaves_gradients_alone():
     model = ScaledBlocks()
-    probe = GradientProbe(_blocks(model), range(4), free=True)
+    probe = GradientProbe(_blocks(model), range(4), free=range(4))
     probe.remove()
     x, y = regression_batch(torch.Generator().manual_seed(0))
     torch.nn.functional.mse_loss(model(x), y).backward()
@@ -98,7 +98,7 @@ def test_training_reads_measure_what_the_probe_measures_and_keep_the_gradients()
     batches = [regression_batch(g, n=4) for _ in range(3)]
 
     def read(free, indices):
-        probe = GradientProbe(_blocks(model), indices, free=free)
+        probe = GradientProbe(_blocks(model), indices, free=indices if free else ())
         for x, y in batches:
             probe.begin_backward()
             (torch.nn.functional.mse_loss(model(x), y) / 3).backward()
@@ -120,7 +120,7 @@ def test_training_reads_measure_what_the_probe_measures_and_keep_the_gradients()
 
 def test_a_block_without_gradient_is_not_read():
     model = ScaledBlocks()
-    probe = GradientProbe(_blocks(model), range(4), free=False)
+    probe = GradientProbe(_blocks(model), range(4))
     probe.begin_backward()  # a skipped backward: nothing arrives
     read, rms = probe.take()
     assert read == [] and rms.numel() == 0

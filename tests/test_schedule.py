@@ -258,3 +258,63 @@ def test_a_block_without_gradient_in_the_probe_stays_unmeasured_on_every_path(me
     list(_run(model, schedule, optimizer, 2))
     estimate = schedule.importance.estimate
     assert estimate[2].isnan() and not estimate[[0, 1, 3]].isnan().any()
+
+
+def _drifting_run(reprobe_steps, steps=30, jump_at=14, factor=30.0, measure_in_backward=True):
+    """Gradients grow 30x mid-run (the loss is multiplied; AdamW's updates do not change)."""
+    model, optimizer, schedule = _make(num_active=1, sampling_period=2, refresh_interval=4, probe_steps=2,
+                                       reprobe_steps=reprobe_steps, measure_in_backward=measure_in_backward)
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        x, y = regression_batch(g)
+        schedule.before_backward()
+        ((factor if step >= jump_at else 1.0) * nn.functional.mse_loss(model(x), y)).backward()
+        schedule.measure()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.end_step()
+    return schedule
+
+
+@pytest.mark.parametrize("measure_in_backward", [True, False], ids=["in-backward", "finished"])
+def test_reprobe_keeps_the_true_order_of_blocks_when_the_gradient_scale_grows_30x(measure_in_backward):
+    # ScaledBlocks' blocks have gradients in the order of their output scales 0.1 < 0.2 < 1 < 3
+    paper = _drifting_run(reprobe_steps=0, measure_in_backward=measure_in_backward)
+    assert paper.importance.estimate.argsort().tolist() != [0, 1, 2, 3]  # stale blocks ranked by their old scale
+    corrected = _drifting_run(reprobe_steps=1, measure_in_backward=measure_in_backward)
+    assert corrected.importance.estimate.argsort().tolist() == [0, 1, 2, 3]
+
+
+def test_reprobe_steps_measure_every_block_train_only_the_active_set_and_drop_idle_gradients():
+    model, optimizer, schedule = _make(num_active=1, sampling_period=4, refresh_interval=4, probe_steps=2,
+                                       reprobe_steps=2)
+    reprobing, idle_grads = [], []
+
+    def look(schedule, optimizer):
+        reprobing.append(schedule.reprobing)
+        idle = [b for b in range(4) if b not in schedule.active]
+        idle_grads.append(any(p.grad is not None for b in idle for p in model.body.layers[b].parameters()))
+
+    recorded = []
+    original = schedule.importance.record
+    schedule.importance.record = lambda blocks, rms: (recorded.append(list(blocks)), original(blocks, rms))
+    steps = list(_run(model, schedule, optimizer, 14, on_step=look))
+    assert reprobing == [False] * 2 + [False, False, True, True] * 3  # the last 2 of each window of 4
+    for (active, probing, changed), again in zip(steps[2:], reprobing[2:]):
+        assert _blocks_of(changed) == set(active)  # a re-probe step still trains the active set, only it
+    assert not any(idle_grads[2:])  # read and dropped in backward
+    assert recorded == [[0, 1, 2, 3]] * 2 + [[0, 1, 2, 3]] * 6  # probe, then only the re-probe steps, every block
+    assert all(p.requires_grad == (b in schedule.active) for b in range(4) for p in model.body.layers[b].parameters())
+
+
+def test_a_resume_inside_a_reprobe_opens_the_idle_blocks_again():
+    model, optimizer, schedule = _make(num_active=1, sampling_period=4, refresh_interval=4, probe_steps=2,
+                                       reprobe_steps=2)
+    list(_run(model, schedule, optimizer, 5))  # the next step is the window's 3rd: a re-probe
+    assert schedule.reprobing
+    state = copy.deepcopy(schedule.state_dict())
+    model2, optimizer2, resumed = _make(num_active=1, sampling_period=4, refresh_interval=4, probe_steps=2,
+                                        reprobe_steps=2)
+    resumed.load_state_dict(state)
+    resumed.start()
+    assert resumed.reprobing and all(p.requires_grad for p in model2.body.layers.parameters())

@@ -149,3 +149,19 @@ def test_generation_passes_its_stopping_rule_and_keeps_what_it_generated():
     (row,) = task.update(metrics, Scripted(), batch)
     assert seen["stop"][0].prompt_width == batch["input_ids"].shape[1]
     assert row["extracted"] == "4" and row["match"] and metrics.compute()["exact_match"].item() == 1.0
+
+
+def test_classification_scores_the_held_out_cross_entropy_too():
+    records = [Choice("good", ("neg", "pos"), 1), Choice("bad", ("neg", "pos"), 0)]
+    task = Classification(byte_tokenizer(), 16, records)
+    batch = task.collate(records)
+    logits = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
+
+    class Fixed:
+        def __call__(self, **kwargs):
+            return type("Out", (), {"logits": logits})
+
+    metrics = task.metrics()
+    task.update(metrics, Fixed(), batch)
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0])).item()
+    assert metrics.compute()["loss"].item() == pytest.approx(expected)

@@ -36,6 +36,9 @@ BAD_ARGUMENTS = [
     (dict(seed="0"), "seed='0' must be an integer or None"),
     (dict(sampler="static", probe_steps=0), "sampler='static' with probe_steps=0"),
     (dict(sampler="uniform", probe_steps=3), "sampler='uniform' with probe_steps=3: .* set probe_steps=0"),
+    (dict(reprobe_steps=-1), "reprobe_steps=-1 must be an integer >= 0"),
+    (dict(reprobe_steps=5, refresh_interval=4), "reprobe_steps=5 exceeds refresh_interval=4"),
+    (dict(reprobe_steps=1, sampler="static"), "reprobe_steps=1 with sampler='static': .* set reprobe_steps=0"),
 ]
 
 
