@@ -31,7 +31,7 @@ from torch import nn
 from grass_lightning.blocks import find_blocks
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-METHODS = {  # label: overrides; every block method with the same period, refresh and probe
+VARIANTS = {  # label: overrides; every block method with the same period, refresh and probe
     "grass": ["method=grass"],
     "grass_reprobe": ["method=grass", "method.reprobe_steps=1"],
     "static": ["method=grass", "method.sampler=static"],
@@ -105,7 +105,7 @@ def run_all(args: argparse.Namespace) -> None:
         "+trainer.enable_checkpointing=false", "trainer.log_every_n_steps=1",
         "test_before=false", *args.overrides,
     ]
-    for label, method in METHODS.items():
+    for label, method in VARIANTS.items():
         probe = [] if label == "lisa" else [f"method.probe_steps={args.period}"]
         for seed in range(args.seeds):
             run_dir = args.out / label / f"seed{seed}"
@@ -149,7 +149,7 @@ def summarise(out: Path, steps: int) -> str:
     checkpoints = [steps // 3, 2 * steps // 3]
     runs = {label: {int(d.name[4:]): read_run(d, damaged, checkpoints)
                     for d in sorted((out / label).glob("seed*")) if (d / "metrics.json").is_file()}
-            for label in METHODS if (out / label).is_dir()}
+            for label in VARIANTS if (out / label).is_dir()}
     score_name = next(iter(next(iter(runs.values())).values()))["score_name"]
     header = ["method", "seeds", "share to damaged", *[f"val loss @{n}" for n in checkpoints],
               f"val loss @{steps}", f"test {score_name}", f"{score_name} − LISA, paired"]

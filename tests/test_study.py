@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from app import CONF, classification_rows, write_jsonl
 from grass_lightning import find_blocks
 from grass_lightning.models import ModelSpec, load_model
-from grass_lightning.study import METHODS, main, reinitialise
+from grass_lightning.study import VARIANTS, main, reinitialise
 
 
 def test_reinitialise_gives_the_block_fresh_weights_and_leaves_the_rest():
@@ -45,7 +45,7 @@ def test_the_damaged_study_runs_every_method_and_reports_the_share_of_updates_to
           "--out", str(out), "--data", "jsonl", f"data.path={data}", "data.val_size=4", "data.test_size=6",
           "data.batch_size=4", "data.eval_batch_size=4", "method.num_active=1"])
     runs = json.loads((out / "summary.json").read_text())
-    assert set(runs) == set(METHODS) and all(set(by_seed) == {"0", "1"} for by_seed in runs.values())
+    assert set(runs) == set(VARIANTS) and all(set(by_seed) == {"0", "1"} for by_seed in runs.values())
     for label, by_seed in runs.items():
         for seed, run in by_seed.items():
             with (out / label / f"seed{seed}" / "csv" / "metrics.csv").open() as f:
