@@ -1,17 +1,14 @@
-"""Run by test_ddp.py as its own program: Lightning's DDP launcher starts a second process with
-the same command line (argument: the strategy). Asserts on every step that both ranks train the same blocks with the same
+"""Run by test_ddp.py as its own program, ``python -m tests.ddp_worker <strategy>`` from the
+repository root: Lightning's DDP launcher starts a second process with the same command line. Asserts on every step that both ranks train the same blocks with the same
 importance, and at the end that their weights agree."""
 
 import sys
-from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import HFModule, quiet_trainer, token_loader  # noqa: E402
-
-from grass_lightning import GrassCallback  # noqa: E402
+from grass_lightning import GrassCallback
+from tests.helpers.models import HFModule, quiet_trainer, token_loader
 
 
 class RanksAgree(Callback):

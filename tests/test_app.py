@@ -13,21 +13,13 @@ import grass_lightning.run as run
 from grass_lightning.blocks import find_blocks
 from grass_lightning.models import ModelSpec, load_model
 from omegaconf import OmegaConf
-from app import CONF, choice_rows, classification_rows, compose_run, prompt_rows, write_jsonl
+from tests.helpers.app import CONF, choice_rows, classification_rows, compose_run, prompt_rows, write_jsonl
 
 REQUIRED = {"score", "score_name", "method", "model", "data", "steps", "step_time_s", "peak_memory_mb",
             "trainable_params_max"}
 
 
-@pytest.fixture
-def data_files(tmp_path):
-    return {
-        "classification": write_jsonl(tmp_path / "cls.jsonl", classification_rows()),
-        "choice": write_jsonl(tmp_path / "mc.jsonl", choice_rows()),
-        "prompt": write_jsonl(tmp_path / "pr.jsonl", prompt_rows()),
-    }
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora", "lisa", "grass"])
 @pytest.mark.parametrize(("model", "data"), [("tiny_bert", "classification"), ("tiny_llama", "choice"),
                                              ("tiny_llama", "prompt")])
@@ -61,6 +53,7 @@ def test_each_method_and_task_runs_and_writes_metrics(tmp_path, data_files, meth
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_grass_logs_importance_and_active_set_to_csv(tmp_path, data_files):
     cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
                       "method.probe_steps=1", "method.sampling_period=2", "method.refresh_interval=2")
@@ -80,6 +73,7 @@ def _active_by_step(path):
     return out
 
 
+@pytest.mark.slow
 def test_resume_from_a_mid_run_checkpoint_continues_at_the_right_step_with_the_same_active_set(tmp_path, data_files):
     common = ["model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", "trainer.max_steps=8",
               "method.probe_steps=1", "method.sampling_period=5", "method.refresh_interval=5",
@@ -162,6 +156,7 @@ def test_a_ckpt_path_that_is_no_checkpoint_fails_before_any_model_is_loaded(tmp_
         run.train(compose_run(tmp_path / "run", f"ckpt_path={plain}"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [["method=grass"], ["method=lora", "method.r=2"]], ids=["grass", "lora"])
 def test_a_checkpoint_of_another_model_fails_before_any_model_is_loaded(tmp_path, monkeypatch, data_files, method):
     common = ["model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", "trainer.max_steps=2",
@@ -178,6 +173,7 @@ def test_a_checkpoint_of_another_model_fails_before_any_model_is_loaded(tmp_path
                               f"ckpt_path={checkpoint}"))
 
 
+@pytest.mark.slow
 def test_two_by_two_multirun_writes_two_metrics_per_method(tmp_path):
     data = write_jsonl(tmp_path / "cls.jsonl", classification_rows())
     sweep = tmp_path / "sweep"
@@ -213,6 +209,7 @@ def test_every_experiment_builds_with_every_method(tmp_path, method):
         assert run.build_method(OmegaConf.to_container(cfg.method, resolve=True), seed=0).name == method
 
 
+@pytest.mark.slow
 def test_fewer_steps_than_probe_steps_still_train_every_step_asked_for(tmp_path, data_files):
     """max_steps counts updates: trainer.max_steps=5 with the default 10 probe steps trains 5 times
     (it used to "fine-tune" for 5 probe steps that update nothing)."""
@@ -224,6 +221,7 @@ def test_fewer_steps_than_probe_steps_still_train_every_step_asked_for(tmp_path,
     assert metrics["trainable_params_max"] > 0
 
 
+@pytest.mark.slow
 def test_a_run_too_short_to_reach_val_check_interval_is_validated_at_its_end(tmp_path, data_files):
     cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
                       "trainer.max_steps=3", "method.probe_steps=1", "trainer.val_check_interval=100", "test_before=false")
@@ -234,6 +232,7 @@ def test_a_run_too_short_to_reach_val_check_interval_is_validated_at_its_end(tmp
     assert len(logged) == 1  # the sweep config's "choose on the validation score" has a score to choose on
 
 
+@pytest.mark.slow
 def test_a_generation_run_saves_what_it_generated_for_every_test_example(tmp_path, data_files):
     cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['prompt']}",
                       "trainer.max_steps=2", "method.probe_steps=1", "data.max_new_tokens=4", "test_before=false")
@@ -246,6 +245,7 @@ def test_a_generation_run_saves_what_it_generated_for_every_test_example(tmp_pat
     assert sum(row["match"] for row in rows) / len(rows) == pytest.approx(score)
 
 
+@pytest.mark.slow
 def test_a_normal_run_prints_no_third_party_noise_and_keeps_its_log(tmp_path):
     data = write_jsonl(tmp_path / "mc.jsonl", choice_rows())
     command = [sys.executable, "train.py", "model=tiny_llama", "data=jsonl", f"data.path={data}", "trainer.max_steps=3",
@@ -263,6 +263,7 @@ def test_a_normal_run_prints_no_third_party_noise_and_keeps_its_log(tmp_path):
         assert said in kept, said
 
 
+@pytest.mark.slow
 def test_grass_run_draws_the_importance_heat_map(tmp_path, data_files):
     cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
                       "method.probe_steps=1", "method.sampling_period=2", "method.refresh_interval=2")
@@ -301,6 +302,7 @@ def test_heat_map_of_a_run_without_importance_is_skipped(tmp_path):
     ["method=grass", "method.probe_steps=4"], ["method=lisa"],
     ["method.offload=park", "method.idle_moments=keep", "method.probe_steps=4"], ["method.offload=stream", "method.probe_steps=4"],
 ], ids=["grass", "lisa", "grass-park", "grass-stream"])
+@pytest.mark.slow
 def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_files, method):
     """8 updates straight equal 3 steps + checkpoint + resume, mid-epoch and mid-probe included."""
     common = [*method, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", "trainer.max_steps=8",
@@ -324,6 +326,7 @@ def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, dat
                                equal_nan=True)  # LISA measures nothing: NaN = never measured
 
 
+@pytest.mark.slow
 def test_offloaded_run_logs_where_the_moments_are(tmp_path, data_files):
     cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
                       "method.offload=stream", "method.probe_steps=1")
@@ -334,6 +337,7 @@ def test_offloaded_run_logs_where_the_moments_are(tmp_path, data_files):
     assert json.loads((tmp_path / "metrics.json").read_text())["updates"] == 4
 
 
+@pytest.mark.slow
 def test_a_failing_sweep_member_does_not_stop_the_others(tmp_path):
     data = write_jsonl(tmp_path / "cls.jsonl", classification_rows())
     sweep = tmp_path / "sweep"

@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from grass_lightning.bench import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_runs_every_method_and_writes_table_json_and_plot(tmp_path):
     command = [sys.executable, "-m", "grass_lightning.bench", "--model", "tiny_llama", "--steps", "2", "--probe-steps", "1",
                "--batch-size", "2", "--seq-len", "16", "--sampling-period", "2", "--out", str(tmp_path)]
@@ -28,6 +31,7 @@ def test_bench_runs_every_method_and_writes_table_json_and_plot(tmp_path):
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_bench_refuses_an_unknown_method_before_running_anything(tmp_path):
     done = subprocess.run([sys.executable, "-m", "grass_lightning.bench", "--methods", "full,qlora", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)

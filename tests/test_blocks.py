@@ -3,8 +3,8 @@
 import pytest
 from torch import nn
 
-from conftest import FAMILIES, HFModule, ScaledBlocks, tiny_hf
 from grass_lightning.blocks import find_blocks
+from tests.helpers.models import FAMILIES, HFModule, ScaledBlocks, tiny_hf
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

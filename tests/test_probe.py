@@ -4,9 +4,9 @@ read the same quantity and leave the gradients for the step."""
 import pytest
 import torch
 
-from conftest import ScaledBlocks, regression_batch
 from grass_lightning.importance import block_rms
 from grass_lightning.probe import GradientProbe
+from tests.helpers.models import ScaledBlocks, regression_batch
 
 
 def _blocks(model):

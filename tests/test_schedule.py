@@ -5,26 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ScaledBlocks, regression_batch
 from grass_lightning import GrassConfig, GrassSchedule, find_blocks
-
-
-def _run(model, schedule, optimizer, steps, seed=0, on_step=None):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = regression_batch(g)
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        active, probing = list(schedule.active), schedule.probing
-        schedule.before_backward()
-        nn.functional.mse_loss(model(x), y).backward()
-        if on_step is not None:
-            on_step(schedule, optimizer)
-        schedule.measure()
-        optimizer.step()
-        optimizer.zero_grad()
-        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-        schedule.end_step()
-        yield active, probing, changed
+from tests.helpers.loop import plain_steps
+from tests.helpers.models import ScaledBlocks, regression_batch
 
 
 def _make(seed=0, measure_in_backward=True, **config):
@@ -44,7 +27,7 @@ def _blocks_of(names):
 
 def test_probing_updates_nothing_then_only_active_blocks_and_the_head_change():
     model, optimizer, schedule = _make(probe_steps=3)
-    steps = list(_run(model, schedule, optimizer, 20))
+    steps = list(plain_steps(model, optimizer, schedule, 20))
     for active, probing, changed in steps[:3]:
         assert probing and changed == set()
     for active, probing, changed in steps[3:]:
@@ -56,14 +39,14 @@ def test_probing_updates_nothing_then_only_active_blocks_and_the_head_change():
 
 def test_active_set_is_redrawn_every_sampling_period_after_the_probe():
     model, optimizer, schedule = _make(probe_steps=3, sampling_period=4, refresh_interval=2)
-    list(_run(model, schedule, optimizer, 15))
+    list(plain_steps(model, optimizer, schedule, 15))
     assert [step for step, _ in schedule.history] == [3, 7, 11, 15]
 
 
 def test_probe_sets_the_estimate_of_every_block_and_refreshes_touch_only_active_ones():
     model, optimizer, schedule = _make(probe_steps=2, sampling_period=5, refresh_interval=5)
     estimates = []
-    for active, probing, _ in _run(model, schedule, optimizer, 7):
+    for active, probing, _ in plain_steps(model, optimizer, schedule, 7):
         estimates.append((schedule.step, schedule.importance.estimate.clone()))
     after_probe = dict(estimates)[2]
     assert not after_probe.isnan().any()
@@ -76,7 +59,7 @@ def test_probe_sets_the_estimate_of_every_block_and_refreshes_touch_only_active_
 def test_uniform_sampler_trains_every_block():
     model, optimizer, schedule = _make(sampler="uniform", probe_steps=0, sampling_period=1)
     trained = set()
-    for _, _, changed in _run(model, schedule, optimizer, 30):
+    for _, _, changed in plain_steps(model, optimizer, schedule, 30):
         trained |= _blocks_of(changed)
     assert trained == {0, 1, 2, 3}
     assert schedule.importance.estimate.isnan().all()  # LISA measures nothing: its step time is LISA's
@@ -88,7 +71,7 @@ def test_grass_chooses_blocks_with_larger_gradients_more_often():
     for sampler in ("grass", "uniform"):
         model, optimizer, schedule = _make(sampler=sampler, probe_steps=3 if sampler == "grass" else 0,
                                            sampling_period=1, refresh_interval=1)
-        list(_run(model, schedule, optimizer, 300))
+        list(plain_steps(model, optimizer, schedule, 300))
         counts[sampler] = torch.bincount(torch.tensor([a[0] for _, a in schedule.history]), minlength=4)
     grass = counts["grass"]
     assert grass[3] > grass[2] > max(grass[0], grass[1])
@@ -97,7 +80,7 @@ def test_grass_chooses_blocks_with_larger_gradients_more_often():
 
 def test_static_sampler_never_refreshes_after_the_probe():
     model, optimizer, schedule = _make(sampler="static", probe_steps=3, sampling_period=1, refresh_interval=1)
-    steps = _run(model, schedule, optimizer, 20)
+    steps = plain_steps(model, optimizer, schedule, 20)
     for _ in range(4):
         next(steps)
     frozen = (schedule.importance.estimate.clone(), schedule.probabilities.clone())
@@ -109,7 +92,7 @@ def test_same_seed_same_run_other_seed_other_blocks():
     histories = []
     for seed in (0, 0, 1):
         model, optimizer, schedule = _make(seed=seed, sampling_period=1, refresh_interval=1)
-        list(_run(model, schedule, optimizer, 25))
+        list(plain_steps(model, optimizer, schedule, 25))
         histories.append(schedule.history)
     assert histories[0] == histories[1] and histories[0] != histories[2]
 
@@ -132,7 +115,7 @@ def test_user_frozen_parameters_stay_frozen():
     schedule = GrassSchedule(find_blocks(model, "body.layers"), [optimizer],
                              GrassConfig(num_active=4, probe_steps=1), seed=0)
     schedule.start()
-    list(_run(model, schedule, optimizer, 3))
+    list(plain_steps(model, optimizer, schedule, 3))
     assert not model.body.layers[0][0].bias.requires_grad
     schedule.close()
     assert not model.body.layers[0][0].bias.requires_grad
@@ -153,7 +136,7 @@ def test_drop_bounds_optimizer_state_by_the_active_set():
         nonlocal peak
         peak = max(peak, _state_bytes(optimizer))
 
-    list(_run(model, schedule, optimizer, 40, on_step=measure))
+    list(plain_steps(model, optimizer, schedule, 40, after_backward=measure))
     assert len({b for _, a in schedule.history for b in a}) == 4  # every block came and went
     assert 0 < peak <= 2 * block_bytes + head_bytes
     assert _state_bytes(optimizer) <= 2 * block_bytes + head_bytes
@@ -178,7 +161,7 @@ def test_keep_resumes_a_returning_block_from_its_previous_moments():
             if b != active and params[b][0] in optimizer.state:
                 parked.setdefault(b, [tuple(optimizer.state[p][k].clone() for k in keys) for p in params[b]])
 
-    list(_run(model, schedule, optimizer, 40, on_step=check))
+    list(plain_steps(model, optimizer, schedule, 40, after_backward=check))
     assert returns > 5
     total = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.embed.parameters())
     assert _state_bytes(optimizer) == total * 4 * 2  # every block's moments kept
@@ -186,16 +169,16 @@ def test_keep_resumes_a_returning_block_from_its_previous_moments():
 
 def test_state_dict_round_trip_resumes_exactly():
     model, optimizer, schedule = _make(sampling_period=3, refresh_interval=2, probe_steps=4)
-    list(_run(model, schedule, optimizer, 2))  # stop mid-probe
+    list(plain_steps(model, optimizer, schedule, 2))  # stop mid-probe
     saved = copy.deepcopy((schedule.state_dict(), model.state_dict(), optimizer.state_dict()))
-    list(_run(model, schedule, optimizer, 12, seed=5))
+    list(plain_steps(model, optimizer, schedule, 12, seed=5))
 
     model2, optimizer2, schedule2 = _make(seed=99, sampling_period=3, refresh_interval=2, probe_steps=4)
     model2.load_state_dict(saved[1])
     optimizer2.load_state_dict(saved[2])
     schedule2.load_state_dict(saved[0])
     schedule2.start()
-    list(_run(model2, schedule2, optimizer2, 12, seed=5))
+    list(plain_steps(model2, optimizer2, schedule2, 12, seed=5))
     assert schedule2.history == schedule.history and len(schedule.history) == 4
     assert torch.equal(schedule2.importance.estimate, schedule.importance.estimate)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
@@ -205,7 +188,7 @@ def test_a_step_with_nonfinite_gradients_is_skipped_and_counted():
     # finished gradients (as under DDP or fp16), poisoned after backward in two blocks
     model, optimizer, schedule = _make(num_active=4, sampling_period=1, refresh_interval=1, probe_steps=2,
                                        measure_in_backward=False)
-    list(_run(model, schedule, optimizer, 5))
+    list(plain_steps(model, optimizer, schedule, 5))
     before = schedule.importance.estimate.clone()
 
     def poison(schedule, optimizer):
@@ -213,7 +196,7 @@ def test_a_step_with_nonfinite_gradients_is_skipped_and_counted():
             p.grad.fill_(float("nan"))
         model.body.layers[2][0].weight.grad[0, 0] = float("inf")
 
-    list(_run(model, schedule, optimizer, 1, on_step=poison))
+    list(plain_steps(model, optimizer, schedule, 1, after_backward=poison))
     assert int(schedule.importance.nonfinite) == 2
     after = schedule.importance.estimate
     assert torch.isfinite(after).all() and torch.isfinite(schedule.probabilities).all()
@@ -223,7 +206,7 @@ def test_a_step_with_nonfinite_gradients_is_skipped_and_counted():
 
 def test_a_nonfinite_reading_in_backward_is_skipped_and_counted():
     model, optimizer, schedule = _make(num_active=4, sampling_period=1, refresh_interval=1, probe_steps=2)
-    list(_run(model, schedule, optimizer, 5))
+    list(plain_steps(model, optimizer, schedule, 5))
     before = schedule.importance.estimate.clone()
     x, y = regression_batch(torch.Generator().manual_seed(0))
     schedule.before_backward()
@@ -240,7 +223,7 @@ def test_a_step_without_backward_leaves_the_active_blocks_unmeasured(measure_in_
     """A skipped batch (training_step returned None) is no evidence of a zero gradient."""
     model, optimizer, schedule = _make(num_active=2, sampling_period=100, refresh_interval=1, probe_steps=1,
                                        measure_in_backward=measure_in_backward)
-    list(_run(model, schedule, optimizer, 3))
+    list(plain_steps(model, optimizer, schedule, 3))
     before = schedule.importance.estimate.clone()
     schedule.measure()  # the optimizer step fires with no backward and no gradients
     optimizer.step()
@@ -255,7 +238,7 @@ def test_a_block_without_gradient_in_the_probe_stays_unmeasured_on_every_path(me
     model, optimizer, schedule = _make(num_active=1, probe_steps=2, measure_in_backward=measure_in_backward)
     for p in model.body.layers[2].parameters():
         p.requires_grad_(False)  # e.g. a block that the loss does not reach
-    list(_run(model, schedule, optimizer, 2))
+    list(plain_steps(model, optimizer, schedule, 2))
     estimate = schedule.importance.estimate
     assert estimate[2].isnan() and not estimate[[0, 1, 3]].isnan().any()
 
@@ -264,15 +247,7 @@ def _drifting_run(reprobe_steps, steps=30, jump_at=14, factor=30.0, measure_in_b
     """Gradients grow 30x mid-run (the loss is multiplied; AdamW's updates do not change)."""
     model, optimizer, schedule = _make(num_active=1, sampling_period=2, refresh_interval=4, probe_steps=2,
                                        reprobe_steps=reprobe_steps, measure_in_backward=measure_in_backward)
-    g = torch.Generator().manual_seed(0)
-    for step in range(steps):
-        x, y = regression_batch(g)
-        schedule.before_backward()
-        ((factor if step >= jump_at else 1.0) * nn.functional.mse_loss(model(x), y)).backward()
-        schedule.measure()
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.end_step()
+    list(plain_steps(model, optimizer, schedule, steps, loss_scale=lambda step: factor if step >= jump_at else 1.0))
     return schedule
 
 
@@ -298,7 +273,7 @@ def test_reprobe_steps_measure_every_block_train_only_the_active_set_and_drop_id
     recorded = []
     original = schedule.importance.record
     schedule.importance.record = lambda blocks, rms: (recorded.append(list(blocks)), original(blocks, rms))
-    steps = list(_run(model, schedule, optimizer, 14, on_step=look))
+    steps = list(plain_steps(model, optimizer, schedule, 14, after_backward=look))
     assert reprobing == [False] * 2 + [False, False, True, True] * 3  # the last 2 of each window of 4
     for (active, probing, changed), again in zip(steps[2:], reprobing[2:]):
         assert _blocks_of(changed) == set(active)  # a re-probe step still trains the active set, only it
@@ -310,7 +285,7 @@ def test_reprobe_steps_measure_every_block_train_only_the_active_set_and_drop_id
 def test_a_resume_inside_a_reprobe_opens_the_idle_blocks_again():
     model, optimizer, schedule = _make(num_active=1, sampling_period=4, refresh_interval=4, probe_steps=2,
                                        reprobe_steps=2)
-    list(_run(model, schedule, optimizer, 5))  # the next step is the window's 3rd: a re-probe
+    list(plain_steps(model, optimizer, schedule, 5))  # the next step is the window's 3rd: a re-probe
     assert schedule.reprobing
     state = copy.deepcopy(schedule.state_dict())
     model2, optimizer2, resumed = _make(num_active=1, sampling_period=4, refresh_interval=4, probe_steps=2,

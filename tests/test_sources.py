@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from app import write_jsonl
 from grass_lightning.sources import BUILTIN, Choice, Generation, carve, read_jsonl
+from tests.helpers.app import write_jsonl
 
 SIZES = {"sst2": 872, "boolq": 3270, "piqa": 1838, "siqa": 1954, "hellaswag": 10042, "winogrande": 1267,
          "arc_easy": 570, "arc_challenge": 299, "openbookqa": 500, "gsm8k": 1319}

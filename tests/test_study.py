@@ -7,10 +7,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from app import CONF, classification_rows, write_jsonl
 from grass_lightning import find_blocks
 from grass_lightning.models import ModelSpec, load_model
 from grass_lightning.study import VARIANTS, main, reinitialise
+from tests.helpers.app import CONF, classification_rows, write_jsonl
 
 
 def test_reinitialise_gives_the_block_fresh_weights_and_leaves_the_rest():
@@ -33,6 +33,7 @@ def test_reinitialise_gives_the_block_fresh_weights_and_leaves_the_rest():
             assert set(p.unique().tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.slow
 def test_the_damaged_study_runs_every_method_and_reports_the_share_of_updates_to_damaged_blocks(tmp_path):
     spec = ModelSpec(**OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny_bert.yaml")))
     model, tokenizer = load_model(spec, None, num_labels=2)

@@ -9,8 +9,8 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from conftest import HFModule, quiet_trainer, token_loader
 from grass_lightning import GrassCallback
+from tests.helpers.models import HFModule, quiet_trainer, token_loader
 
 BAD_ARGUMENTS = [
     (dict(num_active=0), "num_active=0 must be an integer >= 1"),
