@@ -68,7 +68,7 @@ class ActiveSet:
                         f"block is frozen: GRASS freezes and unfreezes blocks itself."
                     )
 
-    def probe(self) -> None:
+    def only_blocks(self) -> None:
         """Every block takes gradients (to be measured), nothing outside the blocks does."""
         for params in self._blocks:
             self._set(params, True)

@@ -34,8 +34,8 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 
 from grass_lightning.stats import RunStats, current_memory_mb, peak_memory_mb
 
-METHODS = ("full", "lora", "lisa", "grass", "grass+park", "grass+stream")
-_OVERRIDES = {  # each method as overrides of the Hydra config (conf/method)
+ROWS = ("full", "lora", "lisa", "grass", "grass+park", "grass+stream")  # the bench's rows: methods and variants
+_OVERRIDES = {  # each row as overrides of the Hydra config (conf/method)
     "full": ["method=full"],
     "lora": ["method=lora"],
     "lisa": ["method=lisa"],
@@ -43,7 +43,6 @@ _OVERRIDES = {  # each method as overrides of the Hydra config (conf/method)
     "grass+park": ["method=grass", "method.offload=park", "method.idle_moments=keep"],
     "grass+stream": ["method=grass", "method.offload=stream"],
 }
-COLUMNS = ("step_time_s", "peak_memory_mb", "optimizer_state_mb", "trainable_params")
 
 
 class _NextToken:
@@ -183,7 +182,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="a config in conf/model (a causal LM)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches of --batch-size per optimizer step")
@@ -197,9 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print its JSON
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in ROWS]
     if unknown:
-        parser.error(f"--methods: {unknown[0]!r} is not one of {', '.join(METHODS)}")
+        parser.error(f"--methods: {unknown[0]!r} is not one of {', '.join(ROWS)}")
     for name in ("batch_size", "seq_len", "accumulate", "steps", "sampling_period"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")

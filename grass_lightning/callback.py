@@ -37,6 +37,7 @@ from typing_extensions import override
 
 from grass_lightning.blocks import BlockLayout, find_blocks
 from grass_lightning.config import GrassConfig
+from grass_lightning.loss_scaling import loss_scaler
 from grass_lightning.offload import check_offload
 from grass_lightning.schedule import GrassSchedule
 from grass_lightning.strategy import OffloadingStrategy
@@ -288,9 +289,3 @@ class GrassCallback(Callback):
             metrics["grass/moments_device_mb"] = schedule.offloader.device_bytes() / 2**20
             metrics["grass/moments_host_mb"] = schedule.offloader.host_bytes() / 2**20
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-
-
-def loss_scaler(trainer: Trainer):
-    """The trainer's enabled fp16 gradient scaler, or None."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return scaler if scaler is not None and scaler.is_enabled() else None

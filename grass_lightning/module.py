@@ -26,7 +26,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from typing_extensions import override
 
-from grass_lightning.callback import loss_scaler
+from grass_lightning.loss_scaling import loss_scaler
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -98,7 +98,7 @@ class GrassModule(LightningModule):
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        optimizer, lr_scheduler = self.optimizers(), self.lr_schedulers()
         loss = self.task.loss(self.model, batch)
         self.manual_backward(loss / self.hparams.accumulate_grad_batches)
         finite = loss.detach().isfinite()  # a probe frees block gradients in backward: the loss tells
@@ -108,7 +108,7 @@ class GrassModule(LightningModule):
             finite, self._finite = self._finite, None
             if self._gradients_finite(finite):
                 optimizer.step()
-                schedule.step()
+                lr_scheduler.step()
                 self._nonfinite_in_a_row = 0
             else:  # the update is skipped and not counted as a step; GRASS never sees these gradients
                 self.nonfinite_steps += 1
@@ -124,7 +124,7 @@ class GrassModule(LightningModule):
                     f"high (optim.lr), or fp16 overflow (use bf16)."
                 )
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", schedule.get_last_lr()[0])
+        self.log("train/lr", lr_scheduler.get_last_lr()[0])
         return loss
 
     def _gradients_finite(self, losses_finite: torch.Tensor) -> bool:
@@ -183,8 +183,8 @@ class GrassModule(LightningModule):
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr, betas=tuple(hp.betas),
         )
-        schedule = functools.partial(lr_factor, warmup=hp.warmup_steps, total=self.trainer.max_steps, kind=hp.lr_schedule)
-        return [optimizer], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}]
+        factor = functools.partial(lr_factor, warmup=hp.warmup_steps, total=self.trainer.max_steps, kind=hp.lr_schedule)
+        return [optimizer], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}]
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:

@@ -99,7 +99,7 @@ class GrassSchedule:
     def start(self) -> None:
         """Apply the current phase to the model: begin probing, or (re)activate the active set."""
         if self.probing:
-            self.active_set.probe()
+            self.active_set.only_blocks()
             self._listen(range(len(self._blocks)), free=range(len(self._blocks)))
         elif not self.active:
             self._draw()
@@ -128,22 +128,21 @@ class GrassSchedule:
         elif self._refreshing and not self.config.reprobe_steps:
             self._record_finished(self.active)
 
-    def end_step(self) -> bool:
-        """Close an optimizer step; returns True when a new active set was drawn."""
+    def end_step(self) -> None:
+        """Close an optimizer step: refresh the importance and draw a new active set when due."""
         self.step += 1
         if self.probing:
-            return False
-        if self.step == self.config.probe_steps and self.config.probe_steps > 0:
-            self._refresh()
-            return self._draw()
+            return
         trained = self.step - self.config.probe_steps
-        if self._refreshing and trained % self.config.refresh_interval == 0:
+        if trained == 0:  # the probe just ended
             self._refresh()
-        if trained % self.config.sampling_period == 0:
-            return self._draw()
-        if self.reprobing != self._idle_open:
+            self._draw()
+        elif self._refreshing and trained % self.config.refresh_interval == 0:
+            self._refresh()
+        if trained and trained % self.config.sampling_period == 0:
+            self._draw()
+        elif self.reprobing != self._idle_open:
             self._activate()  # a re-probe begins or ends
-        return False
 
     def close(self) -> None:
         """Remove probe hooks, give the model back its ``requires_grad`` flags and its optimizer
@@ -192,11 +191,10 @@ class GrassSchedule:
         if self.config.sampler != "uniform":
             self.logits = sampling_logits(self.importance.filled(), self.config.temperature, self.config.normalization)
 
-    def _draw(self) -> bool:
+    def _draw(self) -> None:
         self.active = self.sampler.draw(self.logits)
         self.history.append((self.step, list(self.active)))
         self._activate()
-        return True
 
     def _activate(self) -> None:
         self.active_set.activate(self.active)

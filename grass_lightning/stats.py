@@ -21,13 +21,17 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
+
+from grass_lightning.callback import GrassCallback
 
 
 class RunStats(Callback):
     """Times optimizer steps (all micro-batches of one step) and counts the parameters they train.
 
-    Place it after GrassCallback, whose probe frees gradients in the same hook.
+    It must come after GrassCallback in the Trainer's callbacks, whose probe frees gradients in
+    the same hook; `setup` refuses the other order.
 
     Args:
         warmup_steps: leading steps left out of the median (allocation, lazy state creation).
@@ -39,6 +43,15 @@ class RunStats(Callback):
         self.trainable_params_max = 0
         self._start: float | None = None
         self._step = 0
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        later = trainer.callbacks[trainer.callbacks.index(self) + 1:]
+        if any(isinstance(callback, GrassCallback) for callback in later):
+            raise MisconfigurationException(
+                "RunStats comes before GrassCallback in Trainer(callbacks=...): it would count the probe's "
+                "gradients (measured, then dropped) as trained parameters. Put RunStats after GrassCallback."
+            )
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from grass_lightning.bench import METHODS
+from grass_lightning.bench import ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,14 +20,14 @@ def test_bench_runs_every_method_and_writes_table_json_and_plot(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["method"]: r for r in report["rows"]}
-    assert tuple(rows) == METHODS
+    assert tuple(rows) == ROWS
     assert all(r["step_time_s"] > 0 and r["peak_memory_mb"] > 0 and r["timed_steps"] == 2 for r in rows.values())
     assert rows["grass"]["probe_step_time_s"] > 0 and rows["lisa"]["probe_step_time_s"] is None
     assert rows["lisa"]["trainable_params"] < rows["full"]["trainable_params"]
     assert rows["full"]["backward_blocks"] == 4 and 1 <= rows["lisa"]["backward_blocks"] <= 4
     assert rows["grass+stream"]["optimizer_state_mb"] < rows["grass"]["optimizer_state_mb"]
     table = (tmp_path / "bench.md").read_text()
-    assert all(f"| {m} |" in table for m in METHODS) and "(1.00×)" in table
+    assert all(f"| {m} |" in table for m in ROWS) and "(1.00×)" in table
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 

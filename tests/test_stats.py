@@ -19,3 +19,17 @@ def test_reset_forgets_an_earlier_jobs_peak():
     after = peak_memory_mb(CPU)
     assert during - after > 300, (during, after)
     assert abs(after - current_memory_mb(CPU)) < 50
+
+
+def test_run_stats_before_grass_callback_is_refused_in_setup():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from grass_lightning import GrassCallback
+    from grass_lightning.stats import RunStats
+    from tests.helpers.models import HFModule, quiet_trainer, token_loader
+
+    trainer = quiet_trainer(max_steps=1, callbacks=[RunStats(), GrassCallback(probe_steps=0, sampler="uniform")])
+    with pytest.raises(MisconfigurationException, match="Put RunStats after GrassCallback"):
+        trainer.fit(HFModule(), token_loader())
+    quiet_trainer(max_steps=1, callbacks=[GrassCallback(probe_steps=0, sampler="uniform"), RunStats()]).fit(
+        HFModule(), token_loader())
