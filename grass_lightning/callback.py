@@ -36,7 +36,7 @@ from torch import nn
 from typing_extensions import override
 
 from grass_lightning.blocks import BlockLayout, find_blocks
-from grass_lightning.config import GrassConfig
+from grass_lightning.config import SETTINGS, GrassConfig
 from grass_lightning.loss_scaling import loss_scaler
 from grass_lightning.offload import check_offload
 from grass_lightning.schedule import GrassSchedule
@@ -53,29 +53,13 @@ class GrassCallback(Callback):
     for them are in :mod:`grass_lightning.config`.
 
     Args:
-        num_active: blocks trained at once (gamma). Default 2.
-        sampling_period: optimizer steps between draws of the active set (T_s). Default 50.
-        probe_steps: initial steps that measure every block and update nothing (T_p). Default 10;
-            must be 0 with sampler="uniform", which reads no importance.
-        refresh_interval: optimizer steps between importance refreshes (T_u). Default 50.
-        temperature: softmax temperature over the normalised importance (tau). Default 0.5.
-        ema: weight of the newest window in a refresh (alpha), in (0, 1]. Default 0.5.
-        sampler: ``"grass"`` (importance), ``"uniform"`` (LISA) or ``"static"`` (probe once,
-            never refresh: the paper's ablation). Default ``"grass"``.
+        config: the GRASS hyper-parameters as a `GrassConfig`; or give its fields as keyword
+            arguments (``GrassCallback(num_active=2, sampling_period=50)``), not both.
         blocks: dotted path from the LightningModule to the ``nn.ModuleList`` of blocks, e.g.
             ``"model.model.layers"``; ``None`` finds them in common Hugging Face models.
-        train_embeddings: always train the input embeddings. Default False.
-        train_head: always train the final norm and LM/task head. Default True.
-        idle_moments: ``"drop"`` frees a leaving block's Adam moments (memory bounded by the
-            active set); ``"keep"`` keeps them for its return. Default ``"drop"``.
         seed: seed of the block sampler; ``None`` takes torch's seed at fit start, so
             ``seed_everything`` governs it.
-        normalization: ``"max"`` or ``"zscore"`` normalisation of the importance before the
-            softmax. Default ``"max"``.
-        reprobe_steps: 0 (the paper's rule) refreshes only the blocks just trained; k > 0 makes
-            the last k steps of each refresh window re-probe steps, which measure every block
-            (and still train the active set), so a refresh compares all blocks at one point of
-            training. Default 0.
+        **settings: `GrassConfig` fields, each documented there with its default.
 
     Raises:
         ValueError: for an argument out of range, at construction; at fit start, for a
@@ -87,37 +71,15 @@ class GrassCallback(Callback):
             optimizer that unscales inside its step (``AdamW(fused=True)``).
     """
 
-    def __init__(
-        self,
-        num_active: int = 2,
-        sampling_period: int = 50,
-        probe_steps: int = 10,
-        refresh_interval: int = 50,
-        temperature: float = 0.5,
-        ema: float = 0.5,
-        sampler: str = "grass",
-        blocks: str | None = None,
-        train_embeddings: bool = False,
-        train_head: bool = True,
-        idle_moments: str = "drop",
-        seed: int | None = None,
-        normalization: str = "max",
-        reprobe_steps: int = 0,
-    ) -> None:
-        self.config = GrassConfig(
-            num_active=num_active,
-            sampling_period=sampling_period,
-            probe_steps=probe_steps,
-            refresh_interval=refresh_interval,
-            temperature=temperature,
-            ema=ema,
-            sampler=sampler,
-            normalization=normalization,
-            reprobe_steps=reprobe_steps,
-            train_embeddings=train_embeddings,
-            train_head=train_head,
-            idle_moments=idle_moments,
-        )
+    def __init__(self, config: GrassConfig | None = None, blocks: str | None = None, seed: int | None = None,
+                 **settings) -> None:
+        if config is not None and settings:
+            raise ValueError(f"GrassCallback got a config and settings {sorted(settings)}: give one or the other.")
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise ValueError(f"{unknown[0]}={settings[unknown[0]]!r} is not a GrassCallback setting; "
+                             f"the settings are {', '.join(SETTINGS)}.")
+        self.config = config if config is not None else GrassConfig(**settings)
         if blocks is not None and (not isinstance(blocks, str) or not blocks):
             raise ValueError(f"blocks={blocks!r} must be a dotted module path such as 'model.layers', or None.")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):

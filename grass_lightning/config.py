@@ -29,7 +29,7 @@ The paper published no defaults; these are what we recommend and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from grass_lightning.active_set import IDLE_MOMENTS
 from grass_lightning.sampling import NORMALIZATIONS, SAMPLERS
@@ -37,7 +37,28 @@ from grass_lightning.sampling import NORMALIZATIONS, SAMPLERS
 
 @dataclass(frozen=True)
 class GrassConfig:
-    """Validated GRASS hyper-parameters; every error names the argument and its value."""
+    """Validated GRASS hyper-parameters; every error names the argument and its value.
+
+    Args:
+        num_active: blocks trained at once (gamma).
+        sampling_period: optimizer steps between draws of the active set (T_s).
+        probe_steps: initial steps that measure every block and update nothing (T_p); must be
+            0 with ``sampler="uniform"``, which reads no importance.
+        refresh_interval: optimizer steps between importance refreshes (T_u).
+        temperature: softmax temperature over the normalised importance (tau).
+        ema: weight of the newest window in a refresh (alpha), in (0, 1].
+        sampler: ``"grass"`` (importance), ``"uniform"`` (LISA) or ``"static"`` (probe once,
+            never refresh: the paper's ablation).
+        normalization: ``"max"`` or ``"zscore"`` normalisation of the importance before the softmax.
+        train_embeddings: always train the input embeddings.
+        train_head: always train the final norm and LM/task head.
+        idle_moments: ``"drop"`` frees a leaving block's Adam moments (memory bounded by the
+            active set); ``"keep"`` keeps them for its return.
+        reprobe_steps: 0 (the paper's rule) refreshes only the blocks just trained; k > 0 makes
+            the last k steps of each refresh window re-probe steps, which measure every block
+            (and still train the active set), so a refresh compares all blocks at one point of
+            training.
+    """
 
     num_active: int = 2
     sampling_period: int = 50
@@ -94,6 +115,9 @@ class GrassConfig:
             raise ValueError(
                 f"num_active={self.num_active} exceeds the {num_blocks} blocks found at {path!r}."
             )
+
+
+SETTINGS = tuple(f.name for f in fields(GrassConfig))
 
 
 def _is_number(value) -> bool:

@@ -13,13 +13,13 @@ Everything is validated when the method is built, before any model is loaded.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 from lightning.pytorch import Callback
 from torch import nn
 
 from grass_lightning.callback import GrassCallback
+from grass_lightning.config import SETTINGS
 from grass_lightning.offload import check_offload
 
 METHODS = ("full", "lora", "lisa", "grass")
@@ -62,7 +62,7 @@ def build_method(config: dict, seed: int) -> Method:
         if not isinstance(config.get("r"), int) or config["r"] < 1:
             raise ValueError(f"method.r={config.get('r')!r} must be an integer >= 1.")
         return Method(name, lora={key: config[key] for key in _LORA_KEYS})
-    _no_extra(config, tuple(p for p in inspect.signature(GrassCallback).parameters if p != "seed"))  # seed: run's
+    _no_extra(config, (*SETTINGS, "blocks"))  # the seed is the run's
     try:
         callback = GrassCallback(seed=seed, **config)
         check_offload(offload, callback.config.idle_moments)

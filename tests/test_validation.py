@@ -94,3 +94,15 @@ def test_ddp_needs_find_unused_parameters():
 def test_keep_warns_that_memory_grows_on_a_plain_strategy():
     with pytest.warns(UserWarning, match="grows toward full fine-tuning"):
         quiet_trainer(max_steps=1, callbacks=[GrassCallback(idle_moments="keep")]).fit(HFModule(), token_loader())
+
+
+def test_the_callback_takes_a_grass_config_or_its_fields_not_both_and_names_an_unknown_setting():
+    from grass_lightning import GrassConfig
+
+    config = GrassConfig(num_active=3, sampling_period=7)
+    assert GrassCallback(config).config is config
+    assert GrassCallback(num_active=3, sampling_period=7).config == config
+    with pytest.raises(ValueError, match=r"got a config and settings \['num_active'\]"):
+        GrassCallback(config, num_active=2)
+    with pytest.raises(ValueError, match=r"num_activ=3 is not a GrassCallback setting; the settings are num_active, "):
+        GrassCallback(num_activ=3)
