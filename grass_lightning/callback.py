@@ -29,20 +29,18 @@ import copy
 import torch
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
+from grass_lightning.block_strategies import check_block_strategy
 from grass_lightning.blocks import BlockLayout, find_blocks
 from grass_lightning.config import SETTINGS, GrassConfig
 from grass_lightning.loss_scaling import loss_scaler
 from grass_lightning.offload import check_offload
 from grass_lightning.schedule import GrassSchedule
 from grass_lightning.strategy import OffloadingStrategy
-
-_SHARDING = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
 
 
 class GrassCallback(Callback):
@@ -101,23 +99,15 @@ class GrassCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         strategy = trainer.strategy
-        if isinstance(strategy, _SHARDING):
-            raise MisconfigurationException(
-                f"GrassCallback does not support {type(strategy).__name__}: it shards parameters and "
-                f"optimizer state itself, so single blocks cannot be frozen and their moments released. "
-                f"Use strategy='ddp_find_unused_parameters_true' for several GPUs, or a single device."
-            )
+        try:
+            check_block_strategy(strategy)
+        except ValueError as error:
+            raise MisconfigurationException(f"GrassCallback: {error}") from None
         if isinstance(strategy, OffloadingStrategy):
             try:
                 check_offload(strategy.offload, self.config.idle_moments)
             except ValueError as error:
                 raise MisconfigurationException(f"GrassCallback with {type(strategy).__name__}: {error}") from None
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-            raise MisconfigurationException(
-                "GrassCallback under DDP needs find_unused_parameters=True: frozen blocks produce no "
-                "gradients. Use strategy='ddp_find_unused_parameters_true' or "
-                "DDPStrategy(find_unused_parameters=True)."
-            )
 
     def check_model(self, module: nn.Module) -> BlockLayout:
         """The module's blocks, or the error fit start would raise (``blocks`` not resolving, no

@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from grass_lightning.block_strategies import check_block_strategy
 from grass_lightning.checkpoint_io import AtomicCheckpointIO
 from grass_lightning.datamodule import SplitsDataModule
 from grass_lightning.heatmap import draw as draw_heatmap
@@ -91,7 +92,11 @@ def train(cfg: DictConfig) -> float:
     if method.offload != "none":
         trainer_kwargs["strategy"] = offload_strategy(trainer_kwargs.get("strategy", "auto"), method.offload)
     elif method.callbacks:
-        _check_block_strategy(trainer_kwargs.get("strategy", "auto"))
+        strategy = trainer_kwargs.get("strategy", "auto")
+        try:  # what GrassCallback's setup would refuse, said before any weights load
+            check_block_strategy(strategy)
+        except ValueError as error:
+            raise ValueError(f"trainer.strategy={strategy!r}: {error}") from None
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     data = OmegaConf.to_container(cfg.data, resolve=True)
     for key in ("batch_size", "eval_batch_size"):
@@ -188,18 +193,6 @@ def _check_trainer(trainer: DictConfig) -> None:
     for key in ("accumulate_grad_batches", "gradient_clip_val"):
         if key in trainer:
             raise ValueError(f"trainer.{key}={trainer[key]!r}: set optim.{key} instead (GrassModule optimizes manually).")
-
-
-def _check_block_strategy(strategy) -> None:
-    """What GrassCallback's setup would refuse, said before any weights are loaded."""
-    if not isinstance(strategy, str):
-        return
-    if strategy.startswith(("fsdp", "deepspeed")):
-        raise ValueError(f"trainer.strategy={strategy!r}: sharded strategies own the optimizer state, so GRASS and "
-                         f"LISA cannot freeze blocks and release their moments; use trainer=ddp.")
-    if strategy.startswith("ddp") and not strategy.endswith("find_unused_parameters_true"):
-        raise ValueError(f"trainer.strategy={strategy!r}: frozen blocks produce no gradients; use trainer=ddp "
-                         f"(strategy ddp_find_unused_parameters_true).")
 
 
 def _check_model(method, spec: ModelSpec, path: str | None, num_labels: int | None, ckpt_path: str | None) -> None:

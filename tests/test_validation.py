@@ -80,7 +80,7 @@ def test_model_without_blocks_asks_for_a_path():
     ids=["fsdp", "deepspeed"],
 )
 def test_sharding_strategies_are_refused_in_setup_with_an_alternative(strategy):
-    with pytest.raises(MisconfigurationException, match="does not support .*Strategy.*ddp_find_unused_parameters_true"):
+    with pytest.raises(MisconfigurationException, match="GrassCallback: .*Strategy shards parameters.*ddp_find_unused_parameters_true"):
         GrassCallback().setup(SimpleNamespace(strategy=strategy), None, "fit")
 
 
