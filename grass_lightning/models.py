@@ -24,7 +24,8 @@ SOURCES = ("pretrained", "package", "gguf", "random")
 class ModelSpec:
     """What to load. ``path``: folder or hub id (``pretrained``), folder inside ``package``
     (``package``), file inside ``package`` (``gguf``); ``config``: Hugging Face config fields of a
-    random model (``random``)."""
+    random model (``random``); ``gradient_checkpointing``: recompute each block's activations in
+    backward instead of keeping them (non-reentrant, so frozen blocks below do not cut the graph)."""
 
     name: str
     kind: str
@@ -33,8 +34,11 @@ class ModelSpec:
     package: str = ""
     config: dict = field(default_factory=dict)
     cache_dir: str = "~/.cache/grass_lightning"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"model.gradient_checkpointing={self.gradient_checkpointing!r} must be true or false.")
         if self.kind not in KINDS:
             raise ValueError(f"model.kind={self.kind!r} is not one of {KINDS}.")
         if self.source not in SOURCES:
@@ -138,6 +142,8 @@ def load_model(spec: ModelSpec, path: str | None, num_labels: int | None = None)
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train(), tokenizer
 
 

@@ -113,6 +113,7 @@ def test_resume_from_a_mid_run_checkpoint_continues_at_the_right_step_with_the_s
         (["data.val_size=-1"], ValueError, r"data\.val_size=-1"),
         (["model=pretrained", "model.path=/no/such/model"], FileNotFoundError, r"model\.path='/no/such/model'"),
         (["model.kind=seq2seq"], ValueError, r"model\.kind='seq2seq'"),
+        (["model.gradient_checkpointing=maybe"], ValueError, r"model\.gradient_checkpointing='maybe' must be true or false"),
         (["data=piqa"], ValueError, "needs one fixed label set"),
         (["trainer.max_steps=-1"], ValueError, r"trainer\.max_steps=-1"),
         (["+trainer.accumulate_grad_batches=4"], ValueError, r"set optim\.accumulate_grad_batches"),
@@ -348,3 +349,19 @@ def test_a_failing_sweep_member_does_not_stop_the_others(tmp_path):
     assert done.returncode != 0 and "method.num_active=0 must be an integer >= 1" in done.stderr
     assert not (sweep / "0" / "metrics.json").exists()  # the bad job leaves nothing misleading
     assert json.loads((sweep / "1" / "metrics.json").read_text())["updates"] == 2
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_in_the_app_gives_the_run_it_would_give_without(tmp_path, data_files, monkeypatch):
+    loaded = []
+    original = run.load_model
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    common = ["model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", "method.probe_steps=1",
+              "method.sampling_period=2", "method.refresh_interval=2", "test_before=false"]
+    run.train(compose_run(tmp_path / "plain", *common))
+    run.train(compose_run(tmp_path / "checkpointed", *common, "model.gradient_checkpointing=true"))
+    assert [model.is_gradient_checkpointing for model, _ in loaded] == [False, True]
+    plain, checkpointed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("plain", "checkpointed"))
+    assert checkpointed["updates"] == plain["updates"] == 4
+    assert checkpointed["scores"] == pytest.approx(plain["scores"], abs=1e-6)
+    assert checkpointed["val_scores"] == pytest.approx(plain["val_scores"], abs=1e-6)

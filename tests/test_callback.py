@@ -437,3 +437,30 @@ def test_reprobe_steps_in_a_lightning_fit_train_the_active_set_and_refresh_every
     for window in range(3):  # each refresh re-measures every block: all four estimates move
         before = training[3 * window - 1]["estimate"] if window else spy.steps[1]["estimate"]
         assert (training[3 * window + 2]["estimate"] != before).all()
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_trains_the_same_blocks_to_the_same_weights_and_the_probe_sees_every_block(
+        use_reentrant):
+    """LISA implementations under checkpointing get no gradient into active blocks when the input
+    does not require grad (reentrant checkpointing); GRASS must train exactly as without it."""
+
+    def fit(checkpointing):
+        torch.manual_seed(0)
+        module = HFModule("llama")
+        if checkpointing:
+            module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        grass = GrassCallback(num_active=2, sampling_period=3, refresh_interval=3, probe_steps=2, seed=0)
+        spy = Spy(grass)
+        quiet_trainer(max_steps=9, callbacks=[grass, spy]).fit(module, token_loader())
+        return module, spy
+
+    plain, plain_spy = fit(False)
+    checkpointed, spy = fit(True)
+    assert checkpointed.model.is_gradient_checkpointing
+    for a, b in zip(plain_spy.steps, spy.steps):
+        assert _changed_blocks(a["changed"], "model.model.layers") == _changed_blocks(b["changed"], "model.model.layers")
+        torch.testing.assert_close(a["estimate"], b["estimate"], rtol=1e-5, atol=1e-8, equal_nan=True)
+    assert spy.steps[1]["estimate"].isfinite().all()  # the probe measured all four blocks
+    for p, q in zip(plain.parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
