@@ -25,7 +25,7 @@ class ModelSpec:
     """What to load. ``path``: folder or hub id (``pretrained``), folder inside ``package``
     (``package``), file inside ``package`` (``gguf``); ``config``: Hugging Face config fields of a
     random model (``random``); ``gradient_checkpointing``: recompute each block's activations in
-    backward instead of keeping them (non-reentrant, so frozen blocks below do not cut the graph)."""
+    backward instead of keeping them (transformers 5 names it activation checkpointing; non-reentrant)."""
 
     name: str
     kind: str
@@ -143,7 +143,7 @@ def load_model(spec: ModelSpec, path: str | None, num_labels: int | None = None)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.train(), tokenizer
 
 

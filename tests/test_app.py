@@ -360,7 +360,7 @@ def test_gradient_checkpointing_in_the_app_gives_the_run_it_would_give_without(t
               "method.sampling_period=2", "method.refresh_interval=2", "test_before=false"]
     run.train(compose_run(tmp_path / "plain", *common))
     run.train(compose_run(tmp_path / "checkpointed", *common, "model.gradient_checkpointing=true"))
-    assert [model.is_gradient_checkpointing for model, _ in loaded] == [False, True]
+    assert [model.is_activation_checkpointing for model, _ in loaded] == [False, True]
     plain, checkpointed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("plain", "checkpointed"))
     assert checkpointed["updates"] == plain["updates"] == 4
     assert checkpointed["scores"] == pytest.approx(plain["scores"], abs=1e-6)

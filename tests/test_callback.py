@@ -449,7 +449,7 @@ def test_gradient_checkpointing_trains_the_same_blocks_to_the_same_weights_and_t
         torch.manual_seed(0)
         module = HFModule("llama")
         if checkpointing:
-            module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            module.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
         grass = GrassCallback(num_active=2, sampling_period=3, refresh_interval=3, probe_steps=2, seed=0)
         spy = Spy(grass)
         quiet_trainer(max_steps=9, callbacks=[grass, spy]).fit(module, token_loader())
@@ -457,7 +457,7 @@ def test_gradient_checkpointing_trains_the_same_blocks_to_the_same_weights_and_t
 
     plain, plain_spy = fit(False)
     checkpointed, spy = fit(True)
-    assert checkpointed.model.is_gradient_checkpointing
+    assert checkpointed.model.is_activation_checkpointing
     for a, b in zip(plain_spy.steps, spy.steps):
         assert _changed_blocks(a["changed"], "model.model.layers") == _changed_blocks(b["changed"], "model.model.layers")
         torch.testing.assert_close(a["estimate"], b["estimate"], rtol=1e-5, atol=1e-8, equal_nan=True)
