@@ -70,8 +70,7 @@ class ActiveSet:
 
     def only_blocks(self) -> None:
         """Every block takes gradients (to be measured), nothing outside the blocks does."""
-        for params in self._blocks:
-            self._set(params, True)
+        self.open_all_blocks()
         self._set(self._outside, False)
         if self.offloader is not None:
             self.offloader.set_active([])
@@ -89,9 +88,10 @@ class ActiveSet:
         if self.offloader is not None:
             self.offloader.set_active(active)
 
-    def open_idle(self) -> None:
-        """Let idle blocks take gradients too, to be measured (a re-probe step): their moments and
-        the offloader's active set stay as they are; `activate` freezes them again."""
+    def open_all_blocks(self) -> None:
+        """Let every block take gradients, idle ones too, to be measured (the probe, a re-probe
+        step): moments and the offloader's active set stay as they are; `activate` freezes the
+        idle blocks again."""
         for params in self._blocks:
             self._set(params, True)
 

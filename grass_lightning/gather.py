@@ -67,7 +67,7 @@ def _order(key: tuple) -> tuple:
     return (*key[:-2], _rank(key[-2]), key[-2], key[-1])
 
 
-def _spread(values: list[float]) -> float | None:
+def spread(values: list[float]) -> float | None:
     """Standard deviation over runs; None (printed "–") for a single run, which has no spread."""
     return statistics.stdev(values) if len(values) > 1 else None
 
@@ -84,7 +84,7 @@ def gather(root: Path, score: str | None = None) -> list[dict]:
         for column in COLUMNS:
             values = [r[column] for r in runs if r.get(column) is not None]
             row[column] = statistics.mean(values) if values else None
-            row[column + "_std"] = _spread(values)
+            row[column + "_std"] = spread(values)
         rows.append(row)
     return rows
 
@@ -119,15 +119,17 @@ def averages(root: Path, score: str | None = None) -> list[dict]:
             continue
         means = list(per_seed.values())
         rows.append({"model": model, "method": method, "settings": settings, "sets": sorted(sets[model]),
-                     "seeds": len(per_seed), "score": statistics.mean(means), "score_std": _spread(means),
+                     "seeds": len(per_seed), "score": statistics.mean(means), "score_std": spread(means),
                      "per_seed": per_seed})  # for comparing methods seed by seed (same data order)
     return rows
 
 
-def _cell(value: float | None, spread: float | None, fmt: str) -> str:
+def cell(value: float | None, spread: float | None, fmt: str) -> str:
+    """``mean ± std`` as a table cell; "–" for what is missing. A signed ``fmt`` ("+.3f", for
+    differences) signs the mean only: a spread has no sign."""
     if value is None:
         return "–"
-    return f"{value:{fmt}} ± " + ("–" if spread is None else f"{spread:{fmt}}")
+    return f"{value:{fmt}} ± " + ("–" if spread is None else f"{spread:{fmt.lstrip('+')}}")
 
 
 def _method(row: dict, with_settings: bool) -> str:
@@ -140,10 +142,10 @@ def markdown(rows: list[dict]) -> str:
             f"step time (s) | peak memory (MB) | trained params (max) |")
     lines = [head, "|" + "---|" * (10 if settings else 9)]
     for r in rows:
-        cell = lambda k, fmt: _cell(r[k], r[k + "_std"], fmt)  # noqa: E731
+        shown = lambda k, fmt: cell(r[k], r[k + "_std"], fmt)  # noqa: E731
         lines.append(
-            f"| {r['model']} | {r['data']} | {_method(r, settings)} | {r['runs']} | {cell('score_before', '.3f')} | "
-            f"{cell('score', '.3f')} | {cell('step_time_s', '.3f')} | {cell('peak_memory_mb', '.0f')} | "
+            f"| {r['model']} | {r['data']} | {_method(r, settings)} | {r['runs']} | {shown('score_before', '.3f')} | "
+            f"{shown('score', '.3f')} | {shown('step_time_s', '.3f')} | {shown('peak_memory_mb', '.0f')} | "
             f"{r['trainable_params_max'] / 1e6:.2f}M |"
         )
     return "\n".join(lines) + "\n"
@@ -153,7 +155,7 @@ def markdown_averages(rows: list[dict]) -> str:
     settings = any(r["settings"] for r in rows)
     lines = [f"| model | method |{' settings |' if settings else ''} seeds | mean score over the sets | sets |",
              "|" + "---|" * (6 if settings else 5)]
-    lines += [f"| {r['model']} | {_method(r, settings)} | {r['seeds']} | {_cell(r['score'], r['score_std'], '.3f')} | "
+    lines += [f"| {r['model']} | {_method(r, settings)} | {r['seeds']} | {cell(r['score'], r['score_std'], '.3f')} | "
               f"{', '.join(r['sets'])} |" for r in rows]
     return "\n".join(lines) + "\n"
 

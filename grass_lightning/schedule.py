@@ -199,8 +199,8 @@ class GrassSchedule:
     def _activate(self) -> None:
         self.active_set.activate(self.active)
         self._idle_open = self.reprobing
-        if self.reprobing:
-            self.active_set.open_idle()
+        if self._idle_open:
+            self.active_set.open_all_blocks()
             self._listen(range(len(self._blocks)), free=self._idle())
         elif self._refreshing and not self.config.reprobe_steps:
             self._listen(self.active)

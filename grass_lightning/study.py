@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from grass_lightning.blocks import find_blocks
+from grass_lightning.gather import cell, spread
+from grass_lightning.heatmap import read_history
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = {  # label: overrides; every block method with the same period, refresh and probe
@@ -54,10 +56,11 @@ def reinitialise(block: nn.Module, std: float, generator: torch.Generator) -> No
                 bias.zero_()
 
 
-def write_damaged_model(model: str, kind: str, blocks: list[int], out: Path, seed: int = 0) -> Path:
+def write_damaged_model(model: str, kind: str, blocks: list[int], out: Path, seed: int = 0) -> dict:
     """Save ``model`` (a ``conf/model`` name or a Hugging Face folder of ``kind``) with ``blocks``
-    re-initialised, as a Hugging Face folder; a classifier is saved without its head, so each
-    run draws a new one as it would for the undamaged model."""
+    re-initialised, as the Hugging Face folder ``out/damaged_model``; a classifier is saved
+    without its head, so each run draws a new one as it would for the undamaged model. Returns
+    what was damaged (also written there as damage.json)."""
     import transformers
     from omegaconf import OmegaConf
 
@@ -83,7 +86,7 @@ def write_damaged_model(model: str, kind: str, blocks: list[int], out: Path, see
     transformers.AutoTokenizer.from_pretrained(path).save_pretrained(folder)
     damage = {"model": spec.name, "kind": spec.kind, "blocks": blocks, "num_blocks": len(layout), "seed": seed}
     (folder / "damage.json").write_text(json.dumps(damage))
-    return folder
+    return damage
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -93,9 +96,9 @@ def run_all(args: argparse.Namespace) -> None:
     from grass_lightning.run import train
 
     folder = args.out / "damaged_model"
-    if not (folder / "damage.json").is_file() or json.loads((folder / "damage.json").read_text())["blocks"] != args.blocks:
-        folder = write_damaged_model(args.model, args.kind, args.blocks, args.out)
-    damage = json.loads((folder / "damage.json").read_text())
+    damage = json.loads((folder / "damage.json").read_text()) if (folder / "damage.json").is_file() else None
+    if damage is None or damage["blocks"] != args.blocks:  # a study of other blocks: damage anew
+        damage = write_damaged_model(args.model, args.kind, args.blocks, args.out)
     common = [
         "model=pretrained", f"model.path={folder.resolve()}", f"model.kind={damage['kind']}",
         f"model.name={damage['model']}-damaged",
@@ -121,18 +124,12 @@ def read_run(run_dir: Path, damaged: set[int], checkpoints: list[int]) -> dict:
     """One run's share of block updates to damaged blocks, its validation loss after each of
     ``checkpoints`` updates, and its test score."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    probe = metrics["probe_steps"]
-    with (run_dir / "csv" / "metrics.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    to_damaged = to_any = 0
-    val_loss = {}
-    for row in rows:
-        if row.get("grass/probing") == "0.0":
-            active = {int(k.rsplit("/", 1)[1]) for k, v in row.items() if k.startswith("grass/active/") and v == "1.0"}
-            to_any += len(active)
-            to_damaged += len(active & damaged)
-        if row.get("val/loss"):
-            val_loss[int(row["step"]) + 1 - probe] = float(row["val/loss"])  # logged at the step's index
+    _, _, active = read_history(run_dir / "csv" / "metrics.csv")  # a probe step trains no block
+    to_any = sum(sum(flags) for flags in active)
+    to_damaged = sum(flags[b] for flags in active for b in damaged)
+    with (run_dir / "csv" / "metrics.csv").open() as f:  # logged at the step's index: + 1 is the steps taken
+        val_loss = {int(r["step"]) + 1 - metrics["probe_steps"]: float(r["val/loss"]) for r in csv.DictReader(f)
+                    if r.get("val/loss")}
     return {
         "share": to_damaged / to_any if to_any else float("nan"),
         "val_loss": {n: val_loss.get(n, float("nan")) for n in checkpoints},
@@ -174,12 +171,9 @@ def summarise(out: Path, steps: int) -> str:
 
 
 def _spread(values: list[float], signed: bool = False) -> str:
+    """Mean ± std over seeds as gather writes it; a seed whose value is missing (NaN) is left out."""
     values = [v for v in values if v == v]
-    if not values:
-        return "–"
-    fmt = "{:+.3f}" if signed else "{:.3f}"
-    mean = fmt.format(statistics.fmean(values))
-    return mean + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+    return cell(statistics.fmean(values), spread(values), "+.3f" if signed else ".3f") if values else "–"
 
 
 def _plot(runs: dict, path: Path, damaged: list[int]) -> None:
