@@ -8,7 +8,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from grass_lightning.run import train
+from grass_lightning.app.run import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

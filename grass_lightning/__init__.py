@@ -1,22 +1,22 @@
 """GRASS for PyTorch Lightning: train a few transformer blocks at a time, chosen by importance.
 
-The algorithm, plain PyTorch: `blocks` finds the blocks; `importance` measures them; `probe`
-measures all of them cheaply at the start; `sampling` turns importance into an active set;
-`active_set` freezes the rest and handles idle Adam moments; `offload` moves block moments
-between device and host; `schedule` runs these step by step; `config` holds the
-hyper-parameters. Lightning adapters: `callback`, `strategy` (offloading), `progress`.
-The app behind `train.py`: `sources` (data), `tasks` (loss and score), `models`, `assets`, `methods`,
-`module` (GrassModule), `datamodule`, `checkpoint_io`, `stats`, `run` (train(cfg)), `gather`,
-`heatmap`, `bench` (side-by-side costs).
+Layers, each depending only on the ones before it:
+
+- `grass_lightning.core`: the algorithm in plain PyTorch (blocks, importance, probe, sampling,
+  active set, schedule, config, offload);
+- `grass_lightning.lightning`: Lightning adapters (GrassCallback, offloading strategies,
+  progress bar, checkpoint I/O);
+- `grass_lightning.app`: the Hydra app behind ``train.py`` (module, data, tasks, models, methods);
+- `grass_lightning.tools`: bench, gather, heatmap, study (``python -m grass_lightning.<tool>``).
 """
 
-from grass_lightning.blocks import BlockLayout, find_blocks
-from grass_lightning.callback import GrassCallback
-from grass_lightning.config import GrassConfig
-from grass_lightning.module import GrassModule
-from grass_lightning.offload import MomentOffloader
-from grass_lightning.schedule import GrassSchedule
-from grass_lightning.strategy import GrassOffloadDDPStrategy, GrassOffloadStrategy
+from grass_lightning.app.module import GrassModule
+from grass_lightning.core.blocks import BlockLayout, find_blocks
+from grass_lightning.core.config import GrassConfig
+from grass_lightning.core.offload import MomentOffloader
+from grass_lightning.core.schedule import GrassSchedule
+from grass_lightning.lightning.callback import GrassCallback
+from grass_lightning.lightning.strategy import GrassOffloadDDPStrategy, GrassOffloadStrategy
 
 __all__ = [
     "BlockLayout",

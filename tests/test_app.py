@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 from hydra.errors import MissingConfigException
-
-import grass_lightning.run as run
-from grass_lightning.blocks import find_blocks
-from grass_lightning.models import ModelSpec, load_model
 from omegaconf import OmegaConf
+
+import grass_lightning.app.run as run
+from grass_lightning.app.models import ModelSpec, load_model
+from grass_lightning.core.blocks import find_blocks
 from tests.helpers.app import CONF, choice_rows, classification_rows, compose_run, prompt_rows, write_jsonl
 
 REQUIRED = {"score", "score_name", "method", "model", "data", "steps", "step_time_s", "peak_memory_mb",
@@ -276,7 +276,7 @@ def test_grass_run_draws_the_importance_heat_map(tmp_path, data_files):
 def test_a_lisa_run_draws_the_blocks_it_trained_not_a_blank_heat_map(tmp_path):
     import matplotlib.image
 
-    from grass_lightning.heatmap import draw
+    from grass_lightning.tools.heatmap import draw
 
     def dark_pixels(name, trains):
         metrics = tmp_path / f"{name}.csv"
@@ -292,7 +292,7 @@ def test_a_lisa_run_draws_the_blocks_it_trained_not_a_blank_heat_map(tmp_path):
 
 
 def test_heat_map_of_a_run_without_importance_is_skipped(tmp_path):
-    from grass_lightning.heatmap import draw
+    from grass_lightning.tools.heatmap import draw
 
     metrics = tmp_path / "metrics.csv"
     metrics.write_text("epoch,step,train/loss\n0,9,0.5\n")

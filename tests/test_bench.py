@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from grass_lightning.bench import ROWS
+from grass_lightning.tools.bench import ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 import pytest
 from torch import nn
 
-from grass_lightning.blocks import find_blocks
+from grass_lightning.core.blocks import find_blocks
 from tests.helpers.models import FAMILIES, HFModule, ScaledBlocks, tiny_hf
 
 

@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from grass_lightning import GrassCallback
-from grass_lightning.progress import GrassProgressBar
+from grass_lightning.lightning.progress import GrassProgressBar
 from tests.helpers.models import HFModule, ScaledModule, hf_loss, quiet_trainer, regression_loader, token_loader
 
 

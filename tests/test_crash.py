@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grass_lightning.checkpoint_io import AtomicCheckpointIO
+from grass_lightning.lightning.checkpoint_io import AtomicCheckpointIO
 from tests.helpers.app import CONF, choice_rows, write_jsonl
 
 

@@ -3,7 +3,7 @@
 import pytest
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from grass_lightning.datamodule import EpochShuffle
+from grass_lightning.app.datamodule import EpochShuffle
 
 
 def _loader():

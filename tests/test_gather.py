@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from grass_lightning.gather import averages, gather, loss_curves, main, smooth_losses
+from grass_lightning.tools.gather import averages, gather, loss_curves, main, smooth_losses
 
 
 def _run(root, model, data, method, seed, score, losses=None, scores=None, settings=None):

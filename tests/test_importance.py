@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from grass_lightning.importance import ImportanceEstimate, block_rms
+from grass_lightning.core.importance import ImportanceEstimate, block_rms
 
 
 def test_block_rms_is_root_mean_square_of_the_gradient():

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from grass_lightning.blocks import find_blocks
-from grass_lightning.models import ModelSpec, load_model, resolve_model_path
+from grass_lightning.app.models import ModelSpec, load_model, resolve_model_path
+from grass_lightning.core.blocks import find_blocks
 
 
 def test_minilm_loads_from_its_package_as_a_classifier_in_train_mode():

@@ -5,8 +5,8 @@ import json
 import pytest
 from lightning.pytorch import Callback
 
-import grass_lightning.run as run
-from grass_lightning.module import OptimConfig, lr_factor
+import grass_lightning.app.run as run
+from grass_lightning.app.module import OptimConfig, lr_factor
 from tests.helpers.app import choice_rows, compose_run, write_jsonl
 
 
@@ -60,8 +60,8 @@ class _PoisonedTokens:
 def test_a_step_with_nonfinite_gradients_is_skipped_counted_and_unseen_by_grass():
     import torch
 
-    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
     from grass_lightning import GrassCallback, GrassModule
+    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
 
     tokens = torch.randint(0, VOCAB - 1, (12 * 4, 8), generator=torch.Generator().manual_seed(0))
     tokens[[4 * 1, 4 * 5], 0] = _PoisonedTokens.POISON  # batch 1 (probing) and batch 5 (training)
@@ -85,8 +85,8 @@ def test_clipping_reuses_the_finiteness_norm_and_bounds_every_update():
     import torch
     from lightning.pytorch import Callback
 
-    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
     from grass_lightning import GrassModule
+    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
 
     class Norms(Callback):
         def __init__(self):
@@ -125,8 +125,8 @@ def test_probe_steps_leave_the_warmup_to_the_updates(probe_steps):
     the same number of updates, and the schedule counts updates (warm-up 3, cosine to max_steps)."""
     import torch
 
-    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
     from grass_lightning import GrassCallback, GrassModule
+    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
 
     tokens = torch.randint(0, VOCAB, (24 * 4, 8), generator=torch.Generator().manual_seed(0))
     lrs = {}
@@ -147,8 +147,8 @@ def test_a_run_whose_every_loss_is_nan_stops_with_a_clear_error_instead_of_runni
     """Skipped non-finite steps do not count toward max_steps, so an all-NaN run never ended."""
     import torch
 
-    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
     from grass_lightning import GrassModule
+    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
 
     tokens = torch.randint(0, VOCAB - 1, (12 * 4, 8), generator=torch.Generator().manual_seed(0))
     tokens[:, 0] = _PoisonedTokens.POISON  # every batch
@@ -162,8 +162,8 @@ def test_a_run_whose_every_loss_is_nan_stops_with_a_clear_error_instead_of_runni
 def test_nonfinite_steps_that_are_not_in_a_row_do_not_stop_the_run():
     import torch
 
-    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
     from grass_lightning import GrassModule
+    from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
 
     tokens = torch.randint(0, VOCAB - 1, (12 * 4, 8), generator=torch.Generator().manual_seed(0))
     tokens[::8, 0] = _PoisonedTokens.POISON  # every other batch

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from grass_lightning import GrassConfig, GrassSchedule, find_blocks
-from grass_lightning.offload import CopyStream, MomentOffloader
+from grass_lightning.core.offload import CopyStream, MomentOffloader
 from tests.helpers.loop import plain_steps
 from tests.helpers.models import ScaledBlocks, regression_batch
 

@@ -4,8 +4,8 @@ read the same quantity and leave the gradients for the step."""
 import pytest
 import torch
 
-from grass_lightning.importance import block_rms
-from grass_lightning.probe import GradientProbe
+from grass_lightning.core.importance import block_rms
+from grass_lightning.core.probe import GradientProbe
 from tests.helpers.models import ScaledBlocks, regression_batch
 
 

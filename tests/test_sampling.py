@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from grass_lightning.sampling import BlockSampler, normalize, sampling_logits, sampling_probabilities
+from grass_lightning.core.sampling import BlockSampler, normalize, sampling_logits, sampling_probabilities
 
 
 def test_max_normalisation_and_softmax_by_hand():

@@ -1,6 +1,7 @@
 """GrassSchedule driven by a plain PyTorch loop: phases, who changes, sampling, idle moments."""
 
 import copy
+
 import pytest
 import torch
 from torch import nn

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from grass_lightning.sources import BUILTIN, Choice, Generation, carve, read_jsonl
+from grass_lightning.app.sources import BUILTIN, Choice, Generation, carve, read_jsonl
 from tests.helpers.app import write_jsonl
 
 SIZES = {"sst2": 872, "boolq": 3270, "piqa": 1838, "siqa": 1954, "hellaswag": 10042, "winogrande": 1267,

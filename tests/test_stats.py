@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from grass_lightning.stats import current_memory_mb, peak_memory_mb, reset_peak_memory
+from grass_lightning.lightning.stats import current_memory_mb, peak_memory_mb, reset_peak_memory
 
 CPU = torch.device("cpu")
 
@@ -25,7 +25,7 @@ def test_run_stats_before_grass_callback_is_refused_in_setup():
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from grass_lightning import GrassCallback
-    from grass_lightning.stats import RunStats
+    from grass_lightning.lightning.stats import RunStats
     from tests.helpers.models import HFModule, quiet_trainer, token_loader
 
     trainer = quiet_trainer(max_steps=1, callbacks=[RunStats(), GrassCallback(probe_steps=0, sampler="uniform")])

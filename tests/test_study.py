@@ -8,8 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from grass_lightning import find_blocks
-from grass_lightning.models import ModelSpec, load_model
-from grass_lightning.study import VARIANTS, main, reinitialise
+from grass_lightning.app.models import ModelSpec, load_model
+from grass_lightning.tools.study import VARIANTS, main, reinitialise
 from tests.helpers.app import CONF, classification_rows, write_jsonl
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from grass_lightning.models import ModelSpec, byte_tokenizer, load_model
-from grass_lightning.sources import Choice, Generation
-from grass_lightning.tasks import IGNORE, AnswerGeneration, ChoiceScoring, Classification, _final_number, task_class
+from grass_lightning.app.models import ModelSpec, byte_tokenizer, load_model
+from grass_lightning.app.sources import Choice, Generation
+from grass_lightning.app.tasks import IGNORE, AnswerGeneration, ChoiceScoring, Classification, _final_number, task_class
 
 LLAMA = ModelSpec("t", "causal_lm", "random", config=dict(model_type="llama", hidden_size=32, intermediate_size=64,
                                                           num_hidden_layers=2, num_attention_heads=4))

@@ -6,7 +6,7 @@
 - ``grass``: GrassCallback with importance sampling.
 
 ``lisa`` and ``grass`` can keep block moments in host memory: ``offload: park|stream`` (see
-:mod:`grass_lightning.offload`); the run then trains under an offloading strategy.
+:mod:`grass_lightning.core.offload`); the run then trains under an offloading strategy.
 
 Everything is validated when the method is built, before any model is loaded.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from lightning.pytorch import Callback
 from torch import nn
 
-from grass_lightning.callback import GrassCallback
-from grass_lightning.config import SETTINGS
-from grass_lightning.offload import check_offload
+from grass_lightning.core.config import SETTINGS
+from grass_lightning.core.offload import check_offload
+from grass_lightning.lightning.callback import GrassCallback
 
 METHODS = ("full", "lora", "lisa", "grass")
 _LORA_KEYS = ("r", "alpha", "dropout", "target_modules")

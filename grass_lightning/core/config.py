@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from grass_lightning.active_set import IDLE_MOMENTS
-from grass_lightning.sampling import NORMALIZATIONS, SAMPLERS
+from grass_lightning.core.active_set import IDLE_MOMENTS
+from grass_lightning.core.sampling import NORMALIZATIONS, SAMPLERS
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from grass_lightning.sources import Splits
+from grass_lightning.app.sources import Splits
 
 
 class SplitsDataModule(LightningDataModule):
@@ -23,7 +23,7 @@ class SplitsDataModule(LightningDataModule):
 
     Args:
         splits: train/val/test records.
-        task: a task from :mod:`grass_lightning.tasks` (tokenises and pads).
+        task: a task from :mod:`grass_lightning.app.tasks` (tokenises and pads).
         batch_size: training examples per micro-batch.
         eval_batch_size: examples per evaluation batch (a multiple-choice example is one
             sequence per choice).

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from torch import nn
 from torch.optim import Optimizer
 
-from grass_lightning.blocks import BlockLayout
-from grass_lightning.offload import MomentOffloader
+from grass_lightning.core.blocks import BlockLayout
+from grass_lightning.core.offload import MomentOffloader
 
 IDLE_MOMENTS = ("drop", "keep")
 

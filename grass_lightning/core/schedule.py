@@ -31,13 +31,13 @@ from collections.abc import Sequence
 import torch
 from torch.optim import Optimizer
 
-from grass_lightning.active_set import ActiveSet
-from grass_lightning.blocks import BlockLayout
-from grass_lightning.config import GrassConfig
-from grass_lightning.importance import ImportanceEstimate, block_rms
-from grass_lightning.offload import MomentOffloader, check_offload
-from grass_lightning.probe import GradientProbe
-from grass_lightning.sampling import BlockSampler, sampling_logits
+from grass_lightning.core.active_set import ActiveSet
+from grass_lightning.core.blocks import BlockLayout
+from grass_lightning.core.config import GrassConfig
+from grass_lightning.core.importance import ImportanceEstimate, block_rms
+from grass_lightning.core.offload import MomentOffloader, check_offload
+from grass_lightning.core.probe import GradientProbe
+from grass_lightning.core.sampling import BlockSampler, sampling_logits
 
 
 class GrassSchedule:
@@ -49,12 +49,12 @@ class GrassSchedule:
         config: validated hyper-parameters.
         seed: seed of the block sampler.
         measure_in_backward: read each backward pass's gradients as they arrive (see
-            :mod:`grass_lightning.probe`), and free them at once while probing (low memory).
+            :mod:`grass_lightning.core.probe`), and free them at once while probing (low memory).
             False reads the finished gradients in `measure` instead, as needed when they are
             all-reduced across processes or loss-scaled (fp16 AMP) during backward; the probe
             then holds every block's gradient until the step.
         offload: ``"none"``, or keep block moments in host memory: ``"park"`` (idle blocks') or
-            ``"stream"`` (all blocks'), see :mod:`grass_lightning.offload`. Needs one optimizer.
+            ``"stream"`` (all blocks'), see :mod:`grass_lightning.core.offload`. Needs one optimizer.
     """
 
     def __init__(

@@ -25,17 +25,17 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from grass_lightning.block_strategies import check_block_strategy
-from grass_lightning.checkpoint_io import AtomicCheckpointIO
-from grass_lightning.datamodule import SplitsDataModule
-from grass_lightning.heatmap import draw as draw_heatmap
-from grass_lightning.methods import build_method
-from grass_lightning.models import ModelSpec, load_model, model_skeleton, resolve_model_path
-from grass_lightning.module import GrassModule, OptimConfig
-from grass_lightning.sources import BUILTIN, carve, read_jsonl
-from grass_lightning.stats import RunStats, peak_memory_mb
-from grass_lightning.strategy import offload_strategy
-from grass_lightning.tasks import task_class
+from grass_lightning.app.datamodule import SplitsDataModule
+from grass_lightning.app.methods import build_method
+from grass_lightning.app.models import ModelSpec, load_model, model_skeleton, resolve_model_path
+from grass_lightning.app.module import GrassModule, OptimConfig
+from grass_lightning.app.sources import BUILTIN, carve, read_jsonl
+from grass_lightning.app.tasks import task_class
+from grass_lightning.lightning.block_strategies import check_block_strategy
+from grass_lightning.lightning.checkpoint_io import AtomicCheckpointIO
+from grass_lightning.lightning.stats import RunStats, peak_memory_mb
+from grass_lightning.lightning.strategy import offload_strategy
+from grass_lightning.tools.heatmap import draw as draw_heatmap
 
 # The app's own console, not users' code (which never imports this module): Lightning warns that
 # checkpoints of manually optimized modules hold the state *after* the step, which is what

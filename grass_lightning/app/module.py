@@ -26,7 +26,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from typing_extensions import override
 
-from grass_lightning.loss_scaling import loss_scaler
+from grass_lightning.lightning.loss_scaling import loss_scaler
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -79,7 +79,7 @@ class GrassModule(LightningModule):
 
     Args:
         model: a Hugging Face model (put in train mode here: transformers 5 loads in eval mode).
-        task: a task from :mod:`grass_lightning.tasks`.
+        task: a task from :mod:`grass_lightning.app.tasks`.
         optim: optimizer settings.
     """
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from grass_lightning.assets import package_dir
+from grass_lightning.app.assets import package_dir
 
 KINDS = ("causal_lm", "classification")
 SOURCES = ("pretrained", "package", "gguf", "random")

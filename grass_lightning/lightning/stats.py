@@ -24,7 +24,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from grass_lightning.callback import GrassCallback
+from grass_lightning.lightning.callback import GrassCallback
 
 
 class RunStats(Callback):

@@ -29,7 +29,7 @@ import torchmetrics
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from grass_lightning.sources import Choice, Generation, Record
+from grass_lightning.app.sources import Choice, Generation, Record
 
 IGNORE = -100
 NUMBER = r"-?\d[\d,]*\.?\d*"

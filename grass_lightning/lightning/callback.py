@@ -11,7 +11,7 @@ Per optimizer step: ``on_before_backward`` counts backward passes (gradients are
 backward, one pass at a time); ``on_before_optimizer_step`` (gradients complete, accumulated
 and unscaled) records importance; ``on_train_batch_end`` (after the optimizer step) refreshes
 importance, draws the next active set and logs. Works under automatic and manual optimization.
-Under an offloading strategy (:mod:`grass_lightning.strategy`) it builds the run's moment
+Under an offloading strategy (:mod:`grass_lightning.lightning.strategy`) it builds the run's moment
 offloader.
 
 Probe steps are optimizer steps to Lightning (``global_step`` counts them) but not updates: the
@@ -34,13 +34,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from grass_lightning.block_strategies import check_block_strategy
-from grass_lightning.blocks import BlockLayout, find_blocks
-from grass_lightning.config import SETTINGS, GrassConfig
-from grass_lightning.loss_scaling import loss_scaler
-from grass_lightning.offload import check_offload
-from grass_lightning.schedule import GrassSchedule
-from grass_lightning.strategy import OffloadingStrategy
+from grass_lightning.core.blocks import BlockLayout, find_blocks
+from grass_lightning.core.config import SETTINGS, GrassConfig
+from grass_lightning.core.offload import check_offload
+from grass_lightning.core.schedule import GrassSchedule
+from grass_lightning.lightning.block_strategies import check_block_strategy
+from grass_lightning.lightning.loss_scaling import loss_scaler
+from grass_lightning.lightning.strategy import OffloadingStrategy
 
 
 class GrassCallback(Callback):
@@ -48,7 +48,7 @@ class GrassCallback(Callback):
 
     The module's optimizer must be built over all parameters; the callback freezes and
     unfreezes blocks by ``requires_grad`` from ``on_fit_start`` on. The defaults and the reasons
-    for them are in :mod:`grass_lightning.config`.
+    for them are in :mod:`grass_lightning.core.config`.
 
     Args:
         config: the GRASS hyper-parameters as a `GrassConfig`; or give its fields as keyword

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from grass_lightning.assets import package_dir
+from grass_lightning.app.assets import package_dir
 
 
 @dataclass(frozen=True)

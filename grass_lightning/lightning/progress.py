@@ -10,7 +10,7 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import TQDMProgressBar
 from typing_extensions import override
 
-from grass_lightning.callback import GrassCallback
+from grass_lightning.lightning.callback import GrassCallback
 
 
 class GrassProgressBar(TQDMProgressBar):

@@ -6,7 +6,7 @@ Usage::
     Trainer(strategy=GrassOffloadStrategy(offload="stream"), callbacks=[GrassCallback()])
     Trainer(strategy="grass_offload_ddp", devices=4, callbacks=[GrassCallback(idle_moments="keep")])
 
-Thin adapters: the moves are made by a :class:`~grass_lightning.offload.MomentOffloader` (plain
+Thin adapters: the moves are made by a :class:`~grass_lightning.core.offload.MomentOffloader` (plain
 PyTorch) that `GrassCallback` builds over the run's blocks at fit start and hands to the
 strategy. The strategy carries the mode and closes the offloader before Lightning's teardown
 moves all optimizer state to the CPU (a parked tensor has no device storage to move). Lightning
@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Stra
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from grass_lightning.offload import OFFLOAD_MODES, MomentOffloader
+from grass_lightning.core.offload import OFFLOAD_MODES, MomentOffloader
 
 
 class OffloadingStrategy:

@@ -1,0 +1,221 @@
+"""The damaged-block study: does importance sampling find the blocks that matter most?
+
+Re-initialise k blocks of a pretrained model (normal(0, initializer_range) weights, unit norms,
+zero biases, from a fixed seed), so that those k blocks are known to be the ones fine-tuning
+must repair. Then fine-tune the damaged model with GRASS (the paper's rule), GRASS with
+re-probing, static GRASS and LISA, over several seeds (one data order and one new head per seed,
+shared by the methods), and report per method:
+
+- the share of block updates that went to damaged blocks (LISA's is k/L in expectation);
+- the validation loss at fixed update counts, and the held-out test score at the end;
+- each method's paired difference to LISA, seed by seed.
+
+    python -m grass_lightning.study damaged                      # 20 runs into multirun/damaged
+    python -m grass_lightning.study damaged --summarise-only     # tables and plot from the runs
+
+Runs already finished (a metrics.json) are kept, so an interrupted study continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from grass_lightning.core.blocks import find_blocks
+from grass_lightning.tools.gather import cell, spread
+from grass_lightning.tools.heatmap import read_history
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+VARIANTS = {  # label: overrides; every block method with the same period, refresh and probe
+    "grass": ["method=grass"],
+    "grass_reprobe": ["method=grass", "method.reprobe_steps=1"],
+    "static": ["method=grass", "method.sampler=static"],
+    "lisa": ["method=lisa"],
+}
+
+
+def reinitialise(block: nn.Module, std: float, generator: torch.Generator) -> None:
+    """Give ``block`` fresh weights as a model is initialised before pre-training: linear and
+    embedding weights from normal(0, std), norm weights 1, biases 0."""
+    with torch.no_grad():
+        for module in block.modules():
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            if isinstance(weight, nn.Parameter):
+                if weight.dim() > 1:
+                    weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+                else:
+                    weight.fill_(1.0)
+            if isinstance(bias, nn.Parameter):
+                bias.zero_()
+
+
+def write_damaged_model(model: str, kind: str, blocks: list[int], out: Path, seed: int = 0) -> dict:
+    """Save ``model`` (a ``conf/model`` name or a Hugging Face folder of ``kind``) with ``blocks``
+    re-initialised, as the Hugging Face folder ``out/damaged_model``; a classifier is saved
+    without its head, so each run draws a new one as it would for the undamaged model. Returns
+    what was damaged (also written there as damage.json)."""
+    import transformers
+    from omegaconf import OmegaConf
+
+    from grass_lightning.app.models import ModelSpec, resolve_model_path
+
+    if Path(model).is_dir():
+        spec = ModelSpec(name=Path(model).name, kind=kind, source="pretrained", path=model)
+    else:
+        spec = ModelSpec(**OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{model}.yaml")))
+    path = resolve_model_path(spec)
+    auto = transformers.AutoModelForCausalLM if spec.kind == "causal_lm" else transformers.AutoModel
+    loaded = auto.from_pretrained(path)
+    layout = find_blocks(loaded)
+    if not blocks or min(blocks) < 0 or max(blocks) >= len(layout):
+        raise ValueError(f"--blocks {blocks}: {spec.name} has blocks 0..{len(layout) - 1}.")
+    generator = torch.Generator().manual_seed(seed)
+    for index in blocks:
+        reinitialise(layout.blocks[index], getattr(loaded.config, "initializer_range", 0.02), generator)
+    folder = out / "damaged_model"
+    if folder.exists():
+        shutil.rmtree(folder)
+    loaded.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(path).save_pretrained(folder)
+    damage = {"model": spec.name, "kind": spec.kind, "blocks": blocks, "num_blocks": len(layout), "seed": seed}
+    (folder / "damage.json").write_text(json.dumps(damage))
+    return damage
+
+
+def run_all(args: argparse.Namespace) -> None:
+    """Every method and seed, in this process (the app's `train`), skipping finished runs."""
+    from hydra import compose, initialize_config_dir
+
+    from grass_lightning.app.run import train
+
+    folder = args.out / "damaged_model"
+    damage = json.loads((folder / "damage.json").read_text()) if (folder / "damage.json").is_file() else None
+    if damage is None or damage["blocks"] != args.blocks:  # a study of other blocks: damage anew
+        damage = write_damaged_model(args.model, args.kind, args.blocks, args.out)
+    common = [
+        "model=pretrained", f"model.path={folder.resolve()}", f"model.kind={damage['kind']}",
+        f"model.name={damage['model']}-damaged",
+        f"data={args.data}", f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.period}",
+        f"method.sampling_period={args.period}", f"method.refresh_interval={args.period}",
+        "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "~callbacks.checkpoint",
+        "+trainer.enable_checkpointing=false", "trainer.log_every_n_steps=1",
+        "test_before=false", *args.overrides,
+    ]
+    for label, method in VARIANTS.items():
+        probe = [] if label == "lisa" else [f"method.probe_steps={args.period}"]
+        for seed in range(args.seeds):
+            run_dir = args.out / label / f"seed{seed}"
+            if (run_dir / "metrics.json").is_file():
+                continue
+            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                cfg = compose("train", overrides=[*common, *method, *probe, f"seed={seed}", f"paths.output_dir={run_dir}"])
+            print(f"damaged study: {label} seed {seed}", flush=True)
+            train(cfg)
+
+
+def read_run(run_dir: Path, damaged: set[int], checkpoints: list[int]) -> dict:
+    """One run's share of block updates to damaged blocks, its validation loss after each of
+    ``checkpoints`` updates, and its test score."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    _, _, active = read_history(run_dir / "csv" / "metrics.csv")  # a probe step trains no block
+    to_any = sum(sum(flags) for flags in active)
+    to_damaged = sum(flags[b] for flags in active for b in damaged)
+    with (run_dir / "csv" / "metrics.csv").open() as f:  # logged at the step's index: + 1 is the steps taken
+        val_loss = {int(r["step"]) + 1 - metrics["probe_steps"]: float(r["val/loss"]) for r in csv.DictReader(f)
+                    if r.get("val/loss")}
+    return {
+        "share": to_damaged / to_any if to_any else float("nan"),
+        "val_loss": {n: val_loss.get(n, float("nan")) for n in checkpoints},
+        "final_val_loss": metrics["val_scores"]["loss"] if metrics.get("val_scores") else float("nan"),
+        "score": metrics["score"],
+        "score_name": metrics["score_name"],
+    }
+
+
+def summarise(out: Path, steps: int) -> str:
+    """The study's table (markdown) and plot, from its finished runs."""
+    damage = json.loads((out / "damaged_model" / "damage.json").read_text())
+    damaged = set(damage["blocks"])
+    checkpoints = [steps // 3, 2 * steps // 3]
+    runs = {label: {int(d.name[4:]): read_run(d, damaged, checkpoints)
+                    for d in sorted((out / label).glob("seed*")) if (d / "metrics.json").is_file()}
+            for label in VARIANTS if (out / label).is_dir()}
+    score_name = next(iter(next(iter(runs.values())).values()))["score_name"]
+    header = ["method", "seeds", "share to damaged", *[f"val loss @{n}" for n in checkpoints],
+              f"val loss @{steps}", f"test {score_name}", f"{score_name} − LISA, paired"]
+    lines = [f"Blocks {sorted(damaged)} of {damage['model']}'s {damage['num_blocks']} re-initialised (seed "
+             f"{damage['seed']}); a uniform draw gives them {len(damaged) / damage['num_blocks']:.3f} of the block "
+             f"updates.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lisa = runs.get("lisa", {})
+    for label, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        cells = [label, str(len(seeds)), _spread([by_seed[s]["share"] for s in seeds])]
+        cells += [_spread([by_seed[s]["val_loss"][n] for s in seeds]) for n in checkpoints]
+        cells += [_spread([by_seed[s]["final_val_loss"] for s in seeds]), _spread([by_seed[s]["score"] for s in seeds])]
+        paired = [by_seed[s]["score"] - lisa[s]["score"] for s in seeds if s in lisa]
+        cells.append(_spread(paired, signed=True) if label != "lisa" and paired else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(table)
+    (out / "summary.json").write_text(json.dumps(runs, indent=1))
+    _plot(runs, out / "damaged.png", sorted(damaged))
+    return table
+
+
+def _spread(values: list[float], signed: bool = False) -> str:
+    """Mean ± std over seeds as gather writes it; a seed whose value is missing (NaN) is left out."""
+    values = [v for v in values if v == v]
+    return cell(statistics.fmean(values), spread(values), "+.3f" if signed else ".3f") if values else "–"
+
+
+def _plot(runs: dict, path: Path, damaged: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (share_ax, score_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    labels = list(runs)
+    shares = [[r["share"] for r in runs[label].values()] for label in labels]
+    share_ax.boxplot(shares, tick_labels=labels)
+    share_ax.set_ylabel(f"share of block updates to damaged blocks {damaged}")
+    scores = [[r["score"] for r in runs[label].values()] for label in labels]
+    score_ax.boxplot(scores, tick_labels=labels)
+    score_ax.set_ylabel("test score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m grass_lightning.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", choices=["damaged"])
+    parser.add_argument("--model", default="minilm", help="a conf/model name, or a Hugging Face folder (default minilm)")
+    parser.add_argument("--kind", default="classification", choices=["classification", "causal_lm"],
+                        help="the folder's kind, when --model is a folder")
+    parser.add_argument("--data", default="sst2", help="a conf/data name (default sst2)")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[1, 3], help="blocks to re-initialise")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=150, help="updates per run (trainer.max_steps)")
+    parser.add_argument("--period", type=int, default=10,
+                        help="sampling period = refresh interval = validation interval = GRASS's probe steps")
+    parser.add_argument("--out", type=Path, default=Path("multirun/damaged"))
+    parser.add_argument("--summarise-only", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
+    args = parser.parse_intermixed_args(argv)
+    if not args.summarise_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        run_all(args)
+    print(summarise(args.out, args.steps))
+
+
+if __name__ == "__main__":
+    main()
