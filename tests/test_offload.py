@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from grass_lightning import GrassConfig, GrassSchedule, find_blocks
-from grass_lightning.core.offload import CopyStream, MomentOffloader
+from grass_lightning.core.offload import CopyStream, StreamOffloader
 from tests.helpers.loop import plain_steps
 from tests.helpers.models import ScaledBlocks, regression_batch
 
@@ -151,7 +151,7 @@ def test_stream_with_drop_waits_for_a_prefetch_before_releasing_its_memory():
                                        sampler="uniform", probe_steps=0)
     log = []
     offloader = schedule.offloader
-    offloader._copies = _RecordingCopies(log)
+    offloader.host.copies = _RecordingCopies(log)
     g = torch.Generator().manual_seed(0)
     dropped = 0
     for _ in range(30):
@@ -160,8 +160,8 @@ def test_stream_with_drop_waits_for_a_prefetch_before_releasing_its_memory():
         optimizer.step()
         optimizer.zero_grad()
         first = schedule.active[0]
-        prefetch = offloader._resident.get(first)  # the upload started for the next step, still "in flight"
-        for slot in offloader._slots.get(first, []):
+        prefetch = offloader.host.resident.get(first)  # the upload started for the next step, still "in flight"
+        for slot in offloader.host.slots.get(first, []):
             weakref.finalize(slot.tensor, log.append, ("release", first, prefetch))
         schedule.end_step()
         if first not in schedule.active and prefetch is not None:
@@ -213,7 +213,7 @@ def test_moments_keep_their_dtype_in_a_bf16_model():
     torch.manual_seed(0)
     model = ScaledBlocks().to(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    offloader = MomentOffloader([list(b.parameters()) for b in model.body.layers], optimizer, "stream")
+    offloader = StreamOffloader([list(b.parameters()) for b in model.body.layers], optimizer)
     x = torch.randn(8, 4, dtype=torch.bfloat16)
     model(x).square().mean().backward()
     optimizer.step()

@@ -34,6 +34,7 @@ class ActiveSet:
         optimizers: the optimizers built over the model's parameters.
         always_trained: parameters outside the blocks that train in every step.
         idle_moments: ``"drop"`` or ``"keep"`` (see module docstring).
+        offloader: keeps block moments in host memory (its owner, `GrassSchedule`, closes it).
 
     Raises:
         ValueError: if a trainable block parameter is in no optimizer.
@@ -45,6 +46,7 @@ class ActiveSet:
         optimizers: Sequence[Optimizer],
         always_trained: Sequence[nn.Parameter],
         idle_moments: str,
+        offloader: MomentOffloader | None = None,
     ) -> None:
         self.layout = layout
         self.optimizers = list(optimizers)
@@ -54,7 +56,7 @@ class ActiveSet:
         self._outside = list(outside.values())
         self._always = {id(p) for p in always_trained}
         self._user_frozen = {id(p) for p in (*self._outside, *sum(self._blocks, [])) if not p.requires_grad}
-        self.offloader: MomentOffloader | None = None
+        self.offloader = offloader
         self._check_optimizers()
 
     def _check_optimizers(self) -> None:

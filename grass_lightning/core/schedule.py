@@ -35,7 +35,7 @@ from grass_lightning.core.active_set import ActiveSet
 from grass_lightning.core.blocks import BlockLayout
 from grass_lightning.core.config import GrassConfig
 from grass_lightning.core.importance import ImportanceEstimate, block_rms
-from grass_lightning.core.offload import MomentOffloader, check_offload
+from grass_lightning.core.offload import check_offload, make_offloader
 from grass_lightning.core.probe import GradientProbe
 from grass_lightning.core.sampling import BlockSampler, sampling_logits
 
@@ -71,9 +71,15 @@ class GrassSchedule:
         if offload != "none" and len(optimizers) != 1:
             raise ValueError(f"offload={offload!r} needs exactly one optimizer; the module has {len(optimizers)}.")
         self.config = config
-        self.active_set = ActiveSet(
-            layout, optimizers, layout.always_trained(config.train_embeddings, config.train_head), config.idle_moments
-        )
+        self._blocks = [layout.block_params(i) for i in range(len(layout))]
+        self.offloader = make_offloader(offload, self._blocks, optimizers[0])  # the schedule's: `close` closes it
+        try:
+            always = layout.always_trained(config.train_embeddings, config.train_head)
+            self.active_set = ActiveSet(layout, optimizers, always, config.idle_moments, self.offloader)
+        except ValueError:  # an optimizer that misses a block: leave it without the offloader's hooks
+            if self.offloader is not None:
+                self.offloader.close()
+            raise
         self.importance = ImportanceEstimate(len(layout), config.ema)
         self.sampler = BlockSampler(config.num_active, seed)
         self.measure_in_backward = measure_in_backward
@@ -81,11 +87,8 @@ class GrassSchedule:
         self.active: list[int] = []
         self.history: list[tuple[int, list[int]]] = []
         self.logits = torch.zeros(len(layout), dtype=torch.float64)  # uniform until the probe ends
-        self._blocks = [layout.block_params(i) for i in range(len(layout))]
         self._probe: GradientProbe | None = None
         self._idle_open = False  # idle blocks take gradients: a re-probe step
-        self.offloader = MomentOffloader(self._blocks, optimizers[0], offload) if offload != "none" else None
-        self.active_set.offloader = self.offloader
 
     @property
     def probing(self) -> bool:
@@ -151,6 +154,7 @@ class GrassSchedule:
         self.active_set.restore()
         if self.offloader is not None:
             self.offloader.close()
+            self.offloader = None
 
     @property
     def reprobing(self) -> bool:

@@ -11,8 +11,8 @@ Per optimizer step: ``on_before_backward`` counts backward passes (gradients are
 backward, one pass at a time); ``on_before_optimizer_step`` (gradients complete, accumulated
 and unscaled) records importance; ``on_train_batch_end`` (after the optimizer step) refreshes
 importance, draws the next active set and logs. Works under automatic and manual optimization.
-Under an offloading strategy (:mod:`grass_lightning.lightning.strategy`) it builds the run's moment
-offloader.
+The schedule (and under an offloading strategy, :mod:`grass_lightning.lightning.strategy`, its
+moment offloader) lives from ``on_train_start`` to ``on_train_end``.
 
 Probe steps are optimizer steps to Lightning (``global_step`` counts them) but not updates: the
 callback extends ``max_steps`` by ``probe_steps`` for the fit, so ``max_steps`` counts updates
@@ -84,7 +84,8 @@ class GrassCallback(Callback):
             raise ValueError(f"seed={seed!r} must be an integer or None.")
         self.blocks = blocks
         self.seed = seed
-        self.schedule: GrassSchedule | None = None
+        self.schedule: GrassSchedule | None = None  # from train start to train end
+        self._layout: BlockLayout | None = None
         self._saved_state: dict | None = None
         self._stepped = False
         self._user_max_steps: int | None = None  # the Trainer's, given back when fit ends
@@ -125,23 +126,12 @@ class GrassCallback(Callback):
                 "(e.g. AdamW(fused=True)): Lightning leaves such gradients scaled until the step, so "
                 "importance would read them scaled. Use fused=False, or precision='bf16-mixed'."
             )
-        layout = self.check_model(pl_module)
-        seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
-        # Hooks in backward see gradients before DDP all-reduces them and before AMP unscales them.
-        measure_in_backward = trainer.world_size == 1 and scaler is None
-        strategy = trainer.strategy
-        offload = strategy.offload if isinstance(strategy, OffloadingStrategy) else "none"
-        self.schedule = GrassSchedule(layout, trainer.optimizers, self.config, seed, measure_in_backward, offload)
-        if self.schedule.offloader is not None:
-            strategy.connect_offloader(self.schedule.offloader)
-        if self._saved_state is not None:
-            self.schedule.load_state_dict(self._saved_state)
-        self.schedule.start()
-        self._lr_before_probe = None
+        self._layout = layout = self.check_model(pl_module)
         if trainer.max_steps >= 0 and self.config.probe_steps:
             self._user_max_steps = trainer.max_steps
             trainer.fit_loop.epoch_loop.max_steps = trainer.max_steps + self.config.probe_steps
         tied = layout.tied() and self.config.train_embeddings != self.config.train_head
+        offload = trainer.strategy.offload if isinstance(trainer.strategy, OffloadingStrategy) else "none"
         rank_zero_info(
             f"GRASS: {len(layout)} blocks at {layout.path!r}, training {self.config.num_active} at a time "
             f"(sampler={self.config.sampler!r}, probe_steps={self.config.probe_steps}, offload={offload!r})."
@@ -157,6 +147,21 @@ class GrassCallback(Callback):
                 "idle_moments='drop' to bound it by the active set, or strategy='grass_offload' to "
                 "keep idle blocks' moments in host memory."
             )
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Build the schedule once the optimizer holds its restored state (a resumed run), and only
+        for a fit that trains: one that resumes a finished run never gets here, so nothing is parked."""
+        seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
+        # Hooks in backward see gradients before DDP all-reduces them and before AMP unscales them.
+        measure_in_backward = trainer.world_size == 1 and loss_scaler(trainer) is None
+        strategy = trainer.strategy
+        offload = strategy.offload if isinstance(strategy, OffloadingStrategy) else "none"
+        self.schedule = GrassSchedule(self._layout, trainer.optimizers, self.config, seed, measure_in_backward, offload)
+        if self._saved_state is not None:
+            self.schedule.load_state_dict(self._saved_state)
+        self.schedule.start()
+        self._lr_before_probe = None
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
@@ -189,6 +194,10 @@ class GrassCallback(Callback):
         self.schedule.end_step()
         self.last_step = "probe" if probing else ",".join(map(str, trained))
         self._log(pl_module, probing, trained)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._uninstall(trainer)  # before the strategy's teardown moves optimizer state (parked moments come back first)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -6,13 +6,12 @@ Usage::
     Trainer(strategy=GrassOffloadStrategy(offload="stream"), callbacks=[GrassCallback()])
     Trainer(strategy="grass_offload_ddp", devices=4, callbacks=[GrassCallback(idle_moments="keep")])
 
-Thin adapters: the moves are made by a :class:`~grass_lightning.core.offload.MomentOffloader` (plain
-PyTorch) that `GrassCallback` builds over the run's blocks at fit start and hands to the
-strategy. The strategy carries the mode and closes the offloader before Lightning's teardown
-moves all optimizer state to the CPU (a parked tensor has no device storage to move). Lightning
-moves all optimizer state to the device after ``setup`` and after loading a checkpoint; the
-offloader parks it again after both (it attaches at fit start, after ``setup``, and hooks
-``optimizer.load_state_dict``).
+Thin adapters: a strategy carries the offload mode. `GrassCallback` reads it and builds its
+`GrassSchedule` with it; the schedule owns the :mod:`grass_lightning.core.offload` offloader over
+the run's blocks (plain PyTorch) and closes it at train end, when parked moments return to the
+optimizer, before Lightning's teardown moves all optimizer state to the CPU. Lightning moves all
+optimizer state to the device after ``setup`` and after loading a checkpoint; the offloader is
+built after both (at train start) and re-parks after any later ``optimizer.load_state_dict``.
 
 Registered names: ``grass_offload`` and ``grass_offload_ddp`` (park), ``grass_offload_stream`` and
 ``grass_offload_ddp_stream``.
@@ -25,35 +24,25 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Stra
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from grass_lightning.core.offload import OFFLOAD_MODES, MomentOffloader
+from grass_lightning.core.offload import OFFLOAD_MODES
 
 
 class OffloadingStrategy:
-    """What both strategies add to Lightning's: the offload mode and the offloader's lifetime."""
+    """What both strategies add to Lightning's: the offload mode, for GrassCallback to read."""
 
     offload: str
-    offloader: MomentOffloader | None
 
     def _init_offload(self, offload: str) -> None:
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload={offload!r} is not one of {OFFLOAD_MODES}.")
         self.offload = offload
-        self.offloader = None
-
-    def connect_offloader(self, offloader: MomentOffloader) -> None:
-        """Called by `GrassCallback` at fit start: this run's offloader, to close at teardown."""
-        self.offloader = offloader
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self.offloader is None:
-            rank_zero_warn(f"{type(self).__name__} found no GrassCallback: no optimizer state is offloaded.")
+        from grass_lightning.lightning.callback import GrassCallback  # the callback imports this module
 
-    def teardown(self) -> None:
-        if self.offloader is not None:
-            self.offloader.close()
-            self.offloader = None
-        super().teardown()
+        if not any(isinstance(c, GrassCallback) for c in self.lightning_module.trainer.callbacks):
+            rank_zero_warn(f"{type(self).__name__} found no GrassCallback: no optimizer state is offloaded.")
 
 
 class GrassOffloadStrategy(OffloadingStrategy, SingleDeviceStrategy):
