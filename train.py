@@ -13,7 +13,9 @@ from grass_lightning.app.run import train
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    return train(cfg)
+    metrics, objects = train(cfg)
+    objects.release()  # a multirun trains its next job in this process
+    return metrics["score"]  # what a sweeper optimizes
 
 
 if __name__ == "__main__":

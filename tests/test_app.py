@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import grass_lightning.app.run as run
 from grass_lightning.app.models import ModelSpec, load_model
 from grass_lightning.core.blocks import find_blocks
-from tests.helpers.app import CONF, choice_rows, classification_rows, compose_run, prompt_rows, write_jsonl
+from tests.helpers.app import CONF, choice_rows, classification_rows, compose_run, write_jsonl
 
 REQUIRED = {"score", "score_name", "method", "model", "data", "steps", "step_time_s", "peak_memory_mb",
             "trainable_params_max"}
@@ -28,7 +28,7 @@ def test_each_method_and_task_runs_and_writes_metrics(tmp_path, data_files, meth
     extra = {"grass": ["method.probe_steps=1"], "lora": ["method.r=2"]}.get(method, [])
     cfg = compose_run(out, f"model={model}", "data=jsonl", f"data.path={data_files[data]}", f"method={method}",
                       "data.max_new_tokens=4", *extra)
-    score = run.train(cfg)
+    score = run.train(cfg)[0]["score"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert REQUIRED <= set(metrics)
     assert metrics["score"] == score and 0.0 <= score <= 1.0
@@ -237,7 +237,7 @@ def test_a_run_too_short_to_reach_val_check_interval_is_validated_at_its_end(tmp
 def test_a_generation_run_saves_what_it_generated_for_every_test_example(tmp_path, data_files):
     cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['prompt']}",
                       "trainer.max_steps=2", "method.probe_steps=1", "data.max_new_tokens=4", "test_before=false")
-    score = run.train(cfg)
+    score = run.train(cfg)[0]["score"]
     rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(rows) == metrics["test_examples"]

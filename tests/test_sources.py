@@ -3,17 +3,28 @@
 import json
 
 import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from grass_lightning.app.sources import BUILTIN, Choice, Generation, carve, read_jsonl
-from tests.helpers.app import write_jsonl
+from grass_lightning.app.sources import Choice, Generation, carve, read_jsonl, sst2
+from tests.helpers.app import CONF, write_jsonl
 
 SIZES = {"sst2": 872, "boolq": 3270, "piqa": 1838, "siqa": 1954, "hellaswag": 10042, "winogrande": 1267,
          "arc_easy": 570, "arc_challenge": 299, "openbookqa": 500, "gsm8k": 1319}
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN))
+def _read(name: str) -> list:
+    """A built-in set, read as its conf/data file's ``records._target_`` reads it."""
+    return instantiate(OmegaConf.load(CONF / "data" / f"{name}.yaml").records)
+
+
+def test_every_builtin_set_has_its_data_config():
+    assert sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem != "jsonl") == sorted(SIZES)
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
 def test_builtin_sets_read_into_valid_records(name):
-    records = BUILTIN[name]()
+    records = _read(name)
     assert len(records) == SIZES[name]
     for r in records:
         if isinstance(r, Choice):
@@ -29,12 +40,12 @@ def test_builtin_sets_read_into_valid_records(name):
 
 def test_labels_are_balanced_enough_to_be_real():
     for name in ("sst2", "piqa", "winogrande"):
-        labels = [r.label for r in BUILTIN[name]()]
+        labels = [r.label for r in _read(name)]
         assert 0.4 < sum(labels) / len(labels) < 0.6
 
 
 def test_carve_is_disjoint_fixed_by_seed_and_sized():
-    records = BUILTIN["sst2"]()
+    records = sst2()
     a = carve(records, 100, 200, seed=0, name="sst2")
     assert (len(a.train), len(a.val), len(a.test)) == (572, 100, 200)
     ids = lambda split: {id(r) for r in split}  # noqa: E731

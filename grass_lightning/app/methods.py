@@ -1,77 +1,101 @@
-"""The fine-tuning methods compared here, as one switch: what each adds to a run.
+"""The fine-tuning methods compared here, each a class that ``conf/method/<name>.yaml`` names by ``_target_``.
 
-- ``full``: every parameter trains.
-- ``lora``: peft LoRA adapters on every linear layer of the blocks; the base stays frozen.
-- ``lisa``: GrassCallback with uniform block sampling and no probe (LISA's scheme).
-- ``grass``: GrassCallback with importance sampling.
+- `Full`: every parameter trains.
+- `Lora`: peft LoRA adapters on every linear layer of the blocks; the base stays frozen.
+- `BlockMethod`: GrassCallback; ``grass`` samples blocks by importance, ``lisa`` uniformly with
+  no probe (LISA's scheme). Block moments can live in host memory: ``offload: park|stream``
+  (see :mod:`grass_lightning.core.offload`); the run then trains under an offloading strategy.
 
-``lisa`` and ``grass`` can keep block moments in host memory: ``offload: park|stream`` (see
-:mod:`grass_lightning.core.offload`); the run then trains under an offloading strategy.
-
-Everything is validated when the method is built, before any model is loaded.
+A new method is a YAML file plus a `Method` subclass. Everything is validated when the method
+is built, before any model is loaded; errors name ``method.<key>`` and the value.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from lightning.pytorch import Callback
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from grass_lightning.core.config import SETTINGS
 from grass_lightning.core.offload import check_offload
 from grass_lightning.lightning.callback import GrassCallback
 
-METHODS = ("full", "lora", "lisa", "grass")
-_LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 
-
-@dataclass
 class Method:
-    name: str
-    callbacks: list[Callback] = field(default_factory=list)
-    lora: dict | None = None
-    offload: str = "none"
+    """What a method adds to a run: callbacks, a wrapper around the model, an offload mode.
+
+    Args:
+        name: the label in metrics.json and tables.
+        lr: the method's learning rate (read by ``optim.lr``).
+        offload: ``"none"``; only block methods keep moments in host memory.
+        seed: the run's seed.
+    """
+
+    SETTINGS: tuple[str, ...] = ()  # the keys its YAML may set besides name, lr, offload
+
+    def __init__(self, name: str, lr: float, offload: str = "none", seed: int | None = None) -> None:
+        if offload != "none":
+            raise ValueError(f"offload={offload!r}: only the block methods (lisa, grass) offload; use 'none'.")
+        self.name, self.lr, self.offload = name, lr, offload
+        self.callbacks: list[Callback] = []
 
     def prepare(self, model: nn.Module, kind: str) -> nn.Module:
-        """Wrap ``model`` for the method (LoRA adapters); others train it as it is."""
-        if self.lora is None:
-            return model
+        """The model as this method trains it."""
+        return model
+
+
+class Full(Method):
+    """Every parameter trains."""
+
+
+class Lora(Method):
+    """peft LoRA adapters (rank ``r``, scale ``alpha / r``) on ``target_modules``; the base is frozen."""
+
+    SETTINGS = ("r", "alpha", "dropout", "target_modules")
+
+    def __init__(self, name: str, lr: float, r: int, alpha: float, dropout: float, target_modules: str | list[str],
+                 offload: str = "none", seed: int | None = None) -> None:
+        super().__init__(name, lr, offload, seed)
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r={r!r} must be an integer >= 1.")
+        self.lora = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+
+    def prepare(self, model: nn.Module, kind: str) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
         task_type = "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"
-        config = LoraConfig(r=self.lora["r"], lora_alpha=self.lora["alpha"], lora_dropout=self.lora["dropout"],
-                            target_modules=self.lora["target_modules"], task_type=task_type)
-        return get_peft_model(model, config)
+        return get_peft_model(model, LoraConfig(**self.lora, task_type=task_type))
 
 
-def build_method(config: dict, seed: int) -> Method:
-    """A `Method` from the ``method`` config group; errors name ``method.<key>`` and the value."""
-    config = dict(config)
-    name, offload = config.pop("name", None), config.pop("offload", "none")
-    config.pop("lr", None)  # the method's learning rate, read by `optim.lr`
-    if name not in METHODS:
-        raise ValueError(f"method.name={name!r} is not one of {METHODS}.")
-    if offload != "none" and name not in ("lisa", "grass"):
-        raise ValueError(f"method.offload={offload!r}: only the block methods (lisa, grass) offload; use 'none'.")
-    if name == "full":
-        _no_extra(config, ())
-        return Method(name)
-    if name == "lora":
-        _no_extra(config, _LORA_KEYS)
-        if not isinstance(config.get("r"), int) or config["r"] < 1:
-            raise ValueError(f"method.r={config.get('r')!r} must be an integer >= 1.")
-        return Method(name, lora={key: config[key] for key in _LORA_KEYS})
-    _no_extra(config, (*SETTINGS, "blocks"))  # the seed is the run's
-    try:
-        callback = GrassCallback(seed=seed, **config)
+class BlockMethod(Method):
+    """A few blocks at a time (`GrassCallback`); ``settings`` are `GrassConfig` fields."""
+
+    SETTINGS = (*SETTINGS, "blocks")
+
+    def __init__(self, name: str, lr: float, offload: str = "none", seed: int | None = None,
+                 blocks: str | None = None, **settings) -> None:
+        callback = GrassCallback(blocks=blocks, seed=seed, **settings)
         check_offload(offload, callback.config.idle_moments)
-    except ValueError as error:  # its messages start with "<argument>=<value>"
-        raise ValueError(f"method.{error}") from None
-    return Method(name, callbacks=[callback], offload=offload)
+        self.name, self.lr, self.offload = name, lr, offload
+        self.callbacks = [callback]
 
 
-def _no_extra(config: dict, allowed: tuple[str, ...]) -> None:
-    extra = sorted(set(config) - set(allowed))
+def build_method(config: DictConfig | dict, seed: int) -> Method:
+    """The `Method` that a ``method`` config names by ``_target_``; errors name ``method.<key>``."""
+    from hydra.utils import get_class
+
+    config = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    target = config.pop("_target_", None)
+    try:
+        cls = get_class(target) if isinstance(target, str) else None
+    except ImportError:
+        cls = None
+    if cls is None or not issubclass(cls, Method):
+        raise ValueError(f"method._target_={target!r} is not a Method class, e.g. grass_lightning.app.methods.BlockMethod.")
+    extra = sorted(set(config) - {"name", "lr", "offload", *cls.SETTINGS})
     if extra:
         raise ValueError(f"method.{extra[0]}={config[extra[0]]!r} is not a setting of this method.")
+    try:
+        return cls(**config, seed=seed)
+    except ValueError as error:  # messages start with "<argument>=<value>"
+        raise ValueError(f"method.{error}") from None

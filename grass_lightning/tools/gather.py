@@ -25,8 +25,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from grass_lightning.app.methods import METHODS
-
+ORDER = ("full", "lora", "lisa", "grass")  # the methods of conf/method, densest first
 COLUMNS = ("score_before", "score", "step_time_s", "peak_memory_mb", "trainable_params_max")
 
 
@@ -63,7 +62,7 @@ def _label_settings(runs: list[dict]) -> None:
 
 
 def _order(key: tuple) -> tuple:
-    """Sort (..., method, settings) keys by what precedes the method, then methods in the order of `METHODS`."""
+    """Sort (..., method, settings) keys by what precedes the method, then methods in the order of `ORDER`."""
     return (*key[:-2], _rank(key[-2]), key[-2], key[-1])
 
 
@@ -73,7 +72,7 @@ def spread(values: list[float]) -> float | None:
 
 
 def gather(root: Path, score: str | None = None) -> list[dict]:
-    """One row per (model, data, method, settings), methods in the order of `METHODS`."""
+    """One row per (model, data, method, settings), methods in the order of `ORDER`."""
     groups = defaultdict(list)
     for _, run in _runs(root, score):
         groups[(run["model"], run["data"], run["method"], run["settings"])].append(run)
@@ -228,8 +227,8 @@ def smooth_losses(values: list[float], window: int) -> tuple[int, list[float]]:
 
 
 def _rank(method: str) -> int:
-    """Tables and plots list methods in the order of `METHODS`, others after them."""
-    return METHODS.index(method) if method in METHODS else len(METHODS)
+    """Tables and plots list methods in the order of `ORDER`, others after them."""
+    return ORDER.index(method) if method in ORDER else len(ORDER)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -117,7 +117,7 @@ def run_all(args: argparse.Namespace) -> None:
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
                 cfg = compose("train", overrides=[*common, *method, *probe, f"seed={seed}", f"paths.output_dir={run_dir}"])
             print(f"damaged study: {label} seed {seed}", flush=True)
-            train(cfg)
+            train(cfg)[1].release()
 
 
 def read_run(run_dir: Path, damaged: set[int], checkpoints: list[int]) -> dict:
