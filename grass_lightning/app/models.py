@@ -129,22 +129,34 @@ def model_skeleton(spec: ModelSpec, path: str | None, num_labels: int | None = N
 
 def load_model(spec: ModelSpec, path: str | None, num_labels: int | None = None) -> tuple[nn.Module, object]:
     """Model and tokenizer, in train mode (transformers 5 loads in eval mode)."""
-    import transformers
-
     auto, config = _blueprint(spec, path, num_labels)
-    if spec.source == "random":
-        tokenizer = byte_tokenizer()
-        model = auto.from_config(config)
-    else:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        model = auto.from_pretrained(path, config=config)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+    tokenizer = load_tokenizer(spec, path)
+    model = auto.from_config(config) if spec.source == "random" else auto.from_pretrained(path, config=config)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if spec.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.train(), tokenizer
+
+
+def untrained_model(spec: ModelSpec, path: str | None, num_labels: int | None = None) -> nn.Module:
+    """The model built from its config alone, with fresh weights (for a checkpoint's to replace:
+    nothing is read from the hub but config.json)."""
+    auto, config = _blueprint(spec, path, num_labels)
+    model = auto.from_config(config)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(spec, path).pad_token_id
+    return model
+
+
+def load_tokenizer(spec: ModelSpec, path: str | None):
+    """The model's tokenizer, with a padding token (its end-of-sequence or separator token if it has none)."""
+    import transformers
+
+    tokenizer = byte_tokenizer() if spec.source == "random" else transformers.AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+    return tokenizer
 
 
 def byte_tokenizer():

@@ -2,7 +2,8 @@
 
 `assemble` instantiates what the config names (method, data reader, callbacks, logger) and
 builds the model, module, data and Trainer, checking everything cheap first; `train` then
-fits and tests, and `_report` writes ``metrics.json`` in the run's output directory.
+fits and tests, and `_report` writes ``metrics.json`` in the run's output directory, then the
+model as a Hugging Face folder, ``model/`` (`grass_lightning.app.export`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from grass_lightning.app.datamodule import SplitsDataModule
+from grass_lightning.app.export import EXPORT_LORA, export_model
 from grass_lightning.app.methods import Method, build_method
 from grass_lightning.app.models import ModelSpec, load_model, model_skeleton, resolve_model_path
 from grass_lightning.app.module import GrassModule, OptimConfig
@@ -42,11 +44,13 @@ from grass_lightning.tools.heatmap import draw as draw_heatmap
 # checkpoints of manually optimized modules hold the state *after* the step, which is what
 # resuming at `global_step` needs; torchdata 0.11 and Lightning 2.6 call torch APIs that torch
 # deprecated, on every epoch; a JSONL epoch shorter than log_every_n_steps is logged all the same
-# (steps count across epochs); and Lightning advertises a cloud logger on every Trainer.
+# (steps count across epochs); peft asks transformers 5 a deprecated question; and Lightning
+# advertises a cloud logger on every Trainer.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # peft 0.x asks transformers 5
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: not any(tip in record.getMessage() for tip in ("litlogger", "litmodels")))
 transformers.logging.disable_progress_bar()  # a bar per loaded weight tensor
 log = logging.getLogger(__name__)
@@ -73,6 +77,7 @@ class RunObjects:
     spec: ModelSpec
     data_name: str
     splits: Splits
+    tokenizer: object
     task: object
     module: GrassModule
     datamodule: SplitsDataModule
@@ -80,7 +85,7 @@ class RunObjects:
     stats: RunStats
 
     def release(self) -> None:
-        for name in ("module", "datamodule", "trainer", "task"):
+        for name in ("module", "datamodule", "trainer", "task", "tokenizer"):
             setattr(self, name, None)
         gc.collect()
         if torch.cuda.is_available():
@@ -106,6 +111,10 @@ def train(cfg: DictConfig) -> tuple[dict, RunObjects]:
     test_rows = _from_every_rank(trainer, module.test_rows)
     if trainer.is_global_zero:
         _report(Path(cfg.paths.output_dir), run, metrics, test_rows)
+        if cfg.export:
+            labels = getattr(run.task, "labels", None) if run.spec.kind == "classification" else None
+            folder = export_model(module.model, run.tokenizer, Path(cfg.paths.output_dir) / "model", cfg.export_lora, labels)
+            log.info(f"fine-tuned model (a transformers folder): {folder}")
     return metrics, run
 
 
@@ -115,8 +124,11 @@ def assemble(cfg: DictConfig) -> RunObjects:
     only then are weights loaded."""
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     _check_trainer(cfg.trainer)
-    if not isinstance(cfg.test_before, bool):
-        raise ValueError(f"test_before={cfg.test_before!r} must be true or false.")
+    for key in ("test_before", "export"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"{key}={cfg[key]!r} must be true or false.")
+    if cfg.export_lora not in EXPORT_LORA:
+        raise ValueError(f"export_lora={cfg.export_lora!r} is not one of {EXPORT_LORA}.")
     optim = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
     method = build_method(cfg.method, seed=cfg.seed)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -151,7 +163,7 @@ def assemble(cfg: DictConfig) -> RunObjects:
     trainer = Trainer(**trainer_kwargs, callbacks=[*method.callbacks, *configured, stats], logger=logger,
                       plugins=[AtomicCheckpointIO()])
     data_name = Path(data["path"]).stem if data["source"] == "jsonl" else data["source"]  # two JSONL files: two names
-    return RunObjects(method, spec, data_name, splits, task, module, datamodule, trainer, stats)
+    return RunObjects(method, spec, data_name, splits, tokenizer, task, module, datamodule, trainer, stats)
 
 
 def _read_records(reader: DictConfig) -> list:

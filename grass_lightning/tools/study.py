@@ -105,7 +105,7 @@ def run_all(args: argparse.Namespace) -> None:
         f"data={args.data}", f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.period}",
         f"method.sampling_period={args.period}", f"method.refresh_interval={args.period}",
         "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "~callbacks.checkpoint",
-        "+trainer.enable_checkpointing=false", "trainer.log_every_n_steps=1",
+        "+trainer.enable_checkpointing=false", "trainer.log_every_n_steps=1", "export=false",
         "test_before=false", *args.overrides,
     ]
     for label, method in VARIANTS.items():
