@@ -365,3 +365,17 @@ def test_gradient_checkpointing_in_the_app_gives_the_run_it_would_give_without(t
     assert checkpointed["updates"] == plain["updates"] == 4
     assert checkpointed["scores"] == pytest.approx(plain["scores"], abs=1e-6)
     assert checkpointed["val_scores"] == pytest.approx(plain["val_scores"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_logger_tensorboard_records_the_importance_of_every_block_as_scalars(tmp_path, data_files):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run.train(compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
+                          "logger=tensorboard", "method.probe_steps=1", "test_before=false", "export=false"))
+    files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # one per fit/test writer
+    scalars = {tag for events in files for tag in EventAccumulator(str(events)).Reload().Tags()["scalars"]}
+    for kind in ("importance", "probability", "active"):
+        assert {f"grass/{kind}/{block:02d}" for block in range(4)} <= scalars
+    assert "train/loss" in scalars
+    assert (tmp_path / "importance.png").is_file()  # the CSV log beside it still draws the heat-map

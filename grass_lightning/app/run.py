@@ -159,7 +159,7 @@ def assemble(cfg: DictConfig) -> RunObjects:
     configured = [instantiate(c) for c in cfg.callbacks.values() if c is not None]  # `callbacks.<name>: null` drops one
     if not trainer_kwargs.get("enable_progress_bar", True):  # a bar in callbacks would make Lightning refuse
         configured = [c for c in configured if not isinstance(c, ProgressBar)]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = _loggers(cfg.get("logger"))
     trainer = Trainer(**trainer_kwargs, callbacks=[*method.callbacks, *configured, stats], logger=logger,
                       plugins=[AtomicCheckpointIO()])
     data_name = Path(data["path"]).stem if data["source"] == "jsonl" else data["source"]  # two JSONL files: two names
@@ -175,6 +175,16 @@ def _read_records(reader: DictConfig) -> list:
         if error.__cause__ is None:
             raise
         raise error.__cause__ from None
+
+
+def _loggers(node: DictConfig | None):
+    """``logger``: one logger (a ``_target_``), several by name (``logger=tensorboard``: CSV and
+    TensorBoard), or none."""
+    if not node:
+        return False
+    if "_target_" in node:
+        return instantiate(node)
+    return [instantiate(c) for c in node.values() if c is not None]
 
 
 def trainer_strategy(strategy, method: Method):
@@ -238,9 +248,9 @@ def _report(out_dir: Path, run: RunObjects, metrics: dict, test_rows: list[dict]
     if test_rows:  # generation: what was generated, so that a score can be read, not only believed
         _write_text(out_dir / "generations.jsonl", "".join(json.dumps(row) + "\n" for row in test_rows))
         log.info(f"test generations: {out_dir / 'generations.jsonl'}")
-    logger = run.trainer.logger
-    if run.method.callbacks and isinstance(logger, CSVLogger):
-        heatmap = draw_heatmap(Path(logger.log_dir) / "metrics.csv", out_dir / "importance.png")
+    csv = next((logger for logger in run.trainer.loggers if isinstance(logger, CSVLogger)), None)
+    if run.method.callbacks and csv is not None:
+        heatmap = draw_heatmap(Path(csv.log_dir) / "metrics.csv", out_dir / "importance.png")
         if heatmap is not None:
             log.info(f"importance heat-map: {heatmap}")
 
