@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -379,3 +380,14 @@ def test_logger_tensorboard_records_the_importance_of_every_block_as_scalars(tmp
         assert {f"grass/{kind}/{block:02d}" for block in range(4)} <= scalars
     assert "train/loss" in scalars
     assert (tmp_path / "importance.png").is_file()  # the CSV log beside it still draws the heat-map
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", ["chat", "instruction"])
+def test_the_shipped_chat_and_instruction_examples_train_a_tiny_model(tmp_path, example):
+    metrics, _ = run.train(compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={CONF.parent / 'examples' / f'{example}.jsonl'}",
+                                       "method.probe_steps=1", "data.max_new_tokens=4", "export=false"))
+    assert metrics["updates"] == 4 and metrics["data"] == example
+    assert set(metrics["scores"]) == {"loss", "perplexity", "exact_match"} and metrics["score_name"] == "exact_match"
+    assert metrics["scores"]["loss"] < metrics["scores_before"]["loss"]  # it learnt the responses
+    assert metrics["scores"]["perplexity"] == pytest.approx(math.exp(metrics["scores"]["loss"]), rel=1e-3)

@@ -6,7 +6,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from grass_lightning.app.sources import Choice, Generation, carve, read_jsonl, sst2
+from grass_lightning.app.sources import ALPACA_WITH_INPUT, Choice, Conversation, Generation, carve, read_jsonl, sst2
 from tests.helpers.app import CONF, write_jsonl
 
 SIZES = {"sst2": 872, "boolq": 3270, "piqa": 1838, "siqa": 1954, "hellaswag": 10042, "winogrande": 1267,
@@ -120,3 +120,37 @@ def test_a_prompt_template_makes_the_prompt_from_a_lines_keys(tmp_path):
         read_jsonl(path, prompt_template="{context}")
     with pytest.raises(ValueError, match=r"data\.prompt_template='\{0\}' is not a format string"):
         read_jsonl(path, prompt_template="{0}")
+
+
+def test_chat_and_instruction_lines(tmp_path):
+    chat = read_jsonl(write_jsonl(tmp_path / "c.jsonl", [
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                      {"role": "assistant", "content": "a"}], "answer": 3},
+        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}]))
+    assert chat == [Conversation((("system", "s"), ("user", "u"), ("assistant", "a")), "3"),
+                    Conversation((("user", "u"), ("assistant", "a")), None)]
+    instruction = read_jsonl(write_jsonl(tmp_path / "i.jsonl", [
+        {"instruction": "Add.", "input": "2 and 3", "output": "5"}, {"instruction": "Say hi.", "output": "hi"}]))
+    assert instruction[0] == Generation(ALPACA_WITH_INPUT.format(instruction="Add.", input="2 and 3"), "5", None)
+    assert instruction[1].prompt.endswith("### Instruction:\nSay hi.\n\n### Response:\n") and "### Input" not in instruction[1].prompt
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ([{"messages": []}], r"c\.jsonl:1: an empty conversation"),
+    ([{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}],
+     r"c\.jsonl:1: message 0 has the unknown role 'robot'; roles are \('system', 'user', 'assistant'\)"),
+    ([{"messages": [{"role": "user", "content": "x"}]}], r"c\.jsonl:1: the last message is the user's; a conversation must end"),
+    ([{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+      {"instruction": "i", "output": "o"}], r"c\.jsonl:2: a instruction line in a chat file"),
+    ([{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}],
+     r"c\.jsonl:1: message 0 must be an object with a string content"),
+])
+def test_chat_errors_name_the_file_the_line_and_the_problem(tmp_path, rows, message):
+    with pytest.raises(ValueError, match=message):
+        read_jsonl(write_jsonl(tmp_path / "c.jsonl", rows))
+
+
+def test_a_prompt_template_does_not_apply_to_chat(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}]
+    with pytest.raises(ValueError, match="chat data is made into text by the tokenizer's chat template"):
+        read_jsonl(write_jsonl(tmp_path / "c.jsonl", rows), prompt_template="{messages}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from grass_lightning.app.models import ModelSpec, byte_tokenizer, load_model
-from grass_lightning.app.sources import Choice, Generation
+from grass_lightning.app.sources import Choice, Conversation, Generation
 from grass_lightning.app.tasks import IGNORE, AnswerGeneration, ChoiceScoring, Classification, _final_number, task_class
 
 LLAMA = ModelSpec("t", "causal_lm", "random", config=dict(model_type="llama", hidden_size=32, intermediate_size=64,
@@ -108,8 +108,9 @@ def test_final_number_and_exact_match():
 def test_generation_collates_left_padded_prompts():
     task = AnswerGeneration(byte_tokenizer(), 32, [Generation("p", "r", "1")], max_new_tokens=4)
     batch = task.collate_eval([Generation("long prompt", "r", "1"), Generation("p", "r", "2")])
-    assert batch["attention_mask"][1].tolist()[0] == 0 and batch["attention_mask"][1].tolist()[-1] == 1
+    assert batch["prompt_mask"][1].tolist()[0] == 0 and batch["prompt_mask"][1].tolist()[-1] == 1
     assert batch["answers"] == ["1", "2"]
+    assert (batch["labels"] != IGNORE).any(dim=1).all()  # and the responses, for the held-out loss
 
 
 def test_numeric_answers_end_generation_once_the_number_after_the_common_lead_is_written():
@@ -141,13 +142,16 @@ def test_generation_passes_its_stopping_rule_and_keeps_what_it_generated():
     seen = {}
 
     class Scripted:
+        def __call__(self, input_ids, **kwargs):  # the held-out loss's forward: uniform logits
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, len(tok))})
+
         def generate(self, input_ids, stopping_criteria, **kwargs):
             seen["stop"] = stopping_criteria
             return torch.cat([input_ids, torch.tensor([tok("The answer is 4\n", add_special_tokens=False)["input_ids"]])], 1)
 
     metrics = task.metrics()
     (row,) = task.update(metrics, Scripted(), batch)
-    assert seen["stop"][0].prompt_width == batch["input_ids"].shape[1]
+    assert seen["stop"][0].prompt_width == batch["prompt_ids"].shape[1]
     assert row["extracted"] == "4" and row["match"] and metrics.compute()["exact_match"].item() == 1.0
 
 
@@ -165,3 +169,36 @@ def test_classification_scores_the_held_out_cross_entropy_too():
     task.update(metrics, Fixed(), batch)
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0])).item()
     assert metrics.compute()["loss"].item() == pytest.approx(expected)
+
+
+def test_chat_is_rendered_by_the_chat_template_and_learns_the_assistant_turns_only():
+    tok = byte_tokenizer()
+    talk = Conversation((("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "2+2?"),
+                         ("assistant", "4.")), answer="4")
+    task = AnswerGeneration(tok, 256, [talk], max_new_tokens=4)
+    ids, labels = task._pad([task._encode_chat(talk.messages)])["input_ids"][0], task.collate([talk])["labels"][0]
+    assert tok.decode(ids) == "<|system|>\nBe brief.<eos>\n<|user|>\nHi<eos>\n<|assistant|>\nHello.<eos>\n" \
+                              "<|user|>\n2+2?<eos>\n<|assistant|>\n4.<eos>\n"
+    assert tok.decode(labels[labels != IGNORE]) == "Hello.<eos>\n4.<eos>\n"  # both assistant turns, each with its end
+    batch = task.collate_eval([talk])
+    assert batch["prompts"] == ["<|system|>\nBe brief.<eos>\n<|user|>\nHi<eos>\n<|assistant|>\nHello.<eos>\n"
+                                "<|user|>\n2+2?<eos>\n<|assistant|>\n"]  # generation answers the last turn
+
+
+def test_data_without_answers_is_scored_by_loss_and_perplexity_only():
+    model, tok = load_model(LLAMA, None)
+    records = [Generation("Say hi:", "hi there", None), Generation("Say bye:", "bye now", None)]
+    task = AnswerGeneration(tok, 64, records, max_new_tokens=4)
+    assert task.score_name == "loss"
+    metrics = task.metrics()
+    assert task.update(metrics, model.eval(), task.collate_eval(records)) == []  # nothing generated
+    scores = metrics.compute()
+    assert set(scores) == {"loss", "perplexity"}
+    assert torch.isclose(scores["perplexity"], scores["loss"].exp(), rtol=1e-4)  # the same tokens
+
+
+def test_chat_data_needs_a_tokenizer_with_a_chat_template():
+    tok = byte_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="Chat data needs a tokenizer with a chat template"):
+        AnswerGeneration(tok, 64, [Conversation((("user", "hi"), ("assistant", "yo")))])

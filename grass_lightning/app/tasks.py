@@ -10,10 +10,13 @@
   (lm-eval 0.4's ``acc_norm``): summed log-likelihood favours short choices, which sinks sets
   whose right answers are long (OpenBookQA).
 - `AnswerGeneration`: a causal LM learns prompt + response + end-of-sequence (the model must learn
-  to stop) and is scored by greedy generation, exact match of the answer (of the final number for
-  arithmetic). Generation stops once the answer's number is written when every response ends in
-  it after a common lead (GSM8K's "The answer is"), or is just the number. Its `update` returns
-  what it generated, one row per example, so that a score of 0.0 can be read.
+  to stop), or a chat conversation rendered by the tokenizer's chat template with the loss on
+  the assistant turns only (their end-of-turn tokens included). Scored by the held-out loss and
+  perplexity on those tokens, and, when every example has an answer, by greedy generation:
+  exact match of the answer (of the final number for arithmetic), the headline score then.
+  Generation stops once the answer's number is written when every response ends in it after a
+  common lead (GSM8K's "The answer is"), or is just the number. Its `update` returns what it
+  generated, one row per example, so that a score of 0.0 can be read.
 
 ``update(metrics, model, batch)`` adds a batch to the metrics and returns per-example rows to
 keep, or None.
@@ -29,7 +32,7 @@ import torchmetrics
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from grass_lightning.app.sources import Choice, Generation, Record
+from grass_lightning.app.sources import Choice, Conversation, Generation, Record
 
 IGNORE = -100
 NUMBER = r"-?\d[\d,]*\.?\d*"
@@ -42,9 +45,10 @@ def task_class(kind: str, records: list[Record]) -> type:
     Every task is built as ``cls(tokenizer, max_length, records, max_new_tokens)``; its
     ``metrics()`` are keyed by score name, ``score_name`` being the headline one.
     """
-    if isinstance(records[0], Generation):
+    if isinstance(records[0], (Generation, Conversation)):
         if kind != "causal_lm":
-            raise ValueError("prompt/response data needs a causal LM: choose a model with kind 'causal_lm'.")
+            raise ValueError("prompt/response, instruction or chat data needs a causal LM: choose a model with "
+                             "kind 'causal_lm'.")
         return AnswerGeneration
     if kind == "causal_lm":
         return ChoiceScoring
@@ -180,48 +184,93 @@ class ChoiceScoring(_CausalLM):
 
 
 class AnswerGeneration(_CausalLM):
-    score_name = "exact_match"
-
-    def __init__(self, tokenizer, max_length: int, records: list[Generation], max_new_tokens: int = 256) -> None:
+    def __init__(self, tokenizer, max_length: int, records: list[Generation | Conversation],
+                 max_new_tokens: int = 256) -> None:
         super().__init__(tokenizer, max_length)
+        if any(isinstance(r, Conversation) for r in records) and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"Chat data needs a tokenizer with a chat template, and {type(tokenizer).__name__} "
+                             f"({getattr(tokenizer, 'name_or_path', '') or 'this model'}) has none: use an instruct "
+                             f"model (e.g. model=smollm2), or instruction data.")
         self.max_new_tokens = max_new_tokens
-        self.numeric = all(_final_number(r.answer) == r.answer.strip().replace(",", "") for r in records)
-        self.answer_end = _answer_end([r.response for r in records]) if self.numeric else None
+        self.with_answers = all(r.answer is not None for r in records)
+        self.score_name = "exact_match" if self.with_answers else "loss"
+        self.numeric = self.with_answers and all(_final_number(r.answer) == r.answer.strip().replace(",", "")
+                                                 for r in records)
+        self.answer_end = _answer_end([_response(r) for r in records]) if self.numeric else None
 
-    def collate(self, records: list[Generation]) -> dict:
-        return self._pad([self._encode(r.prompt, r.response, eos=True) for r in records])
+    def collate(self, records: list[Generation | Conversation]) -> dict:
+        return self._pad([self._encode_chat(r.messages) if isinstance(r, Conversation)
+                          else self._encode(r.prompt, r.response, eos=True) for r in records])
 
-    def collate_eval(self, records: list[Generation]) -> dict:
-        prompts = [self.tokenizer(r.prompt)["input_ids"][-self.max_length:] for r in records]
-        width = max(map(len, prompts))
+    def collate_eval(self, records: list[Generation | Conversation]) -> dict:
+        batch = self.collate(records)  # the held-out loss
+        if not self.with_answers:
+            return batch
+        prompts = [self._render(r.messages[:-1], generation_prompt=True) if isinstance(r, Conversation) else r.prompt
+                   for r in records]
+        ids = [self.tokenizer(p, add_special_tokens=not isinstance(r, Conversation))["input_ids"][-self.max_length:]
+               for p, r in zip(prompts, records)]
+        width = max(map(len, ids))
         pad = self.tokenizer.pad_token_id
-        return {  # left padding: generation continues every row from its last prompt token
-            "input_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts]),
-            "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
-            "answers": [r.answer for r in records],
-            "prompts": [r.prompt for r in records],
-        }
+        return {**batch,  # left padding: generation continues every row from its last prompt token
+                "prompt_ids": torch.tensor([[pad] * (width - len(p)) + p for p in ids]),
+                "prompt_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids]),
+                "answers": [r.answer for r in records], "prompts": prompts}
 
-    def _stopping(self, prompt_width: int) -> StoppingCriteriaList | None:
-        if self.answer_end is None:
-            return None
-        return StoppingCriteriaList([_StopAtAnswerEnd(self.tokenizer, self.answer_end, prompt_width)])
+    def _render(self, messages, generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in messages],
+                                                  tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _encode_chat(self, messages: tuple[tuple[str, str], ...]) -> tuple[list[int], list[int]]:
+        """The conversation as the chat template renders it; labels on the assistant turns only,
+        found as the text each assistant turn adds after the template's generation prompt."""
+        text, spans = self._render(messages), []
+        for i, (role, _) in enumerate(messages):
+            if role == "assistant":
+                before, through = self._render(messages[:i], generation_prompt=True), self._render(messages[: i + 1])
+                if not (through.startswith(before) and text.startswith(through)):
+                    raise ValueError("The tokenizer's chat template does not render a conversation turn by turn "
+                                     "(a shorter conversation is not a prefix of a longer one), so the assistant "
+                                     "turns cannot be told apart for the loss.")
+                spans.append((len(before), len(through)))
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        labels = [token if end > start and any(a <= start and end <= b for a, b in spans) else IGNORE
+                  for token, (start, end) in zip(ids, encoded["offset_mapping"])]
+        return ids[-self.max_length:], labels[-self.max_length:]  # keep the end: the last answer
 
     def metrics(self) -> torchmetrics.MetricCollection:
-        return torchmetrics.MetricCollection({"exact_match": torchmetrics.MeanMetric()})
+        metrics = {"loss": torchmetrics.MeanMetric(), "perplexity": torchmetrics.text.Perplexity(ignore_index=IGNORE)}
+        if self.with_answers:
+            metrics["exact_match"] = torchmetrics.MeanMetric()
+        return torchmetrics.MetricCollection(metrics, compute_groups=False)
 
     @torch.no_grad()
     def update(self, metrics: torchmetrics.MetricCollection, model: nn.Module, batch: dict) -> list[dict]:
-        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        scored = targets != IGNORE
+        if scored.any():
+            losses = nn.functional.cross_entropy(logits[scored], targets[scored])
+            metrics["loss"].update(losses, weight=int(scored.sum()))  # the mean over the split's tokens
+            metrics["perplexity"].update(logits, targets)
+        if not self.with_answers:
+            return []
+        out = model.generate(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"],
                              max_new_tokens=self.max_new_tokens, do_sample=False,
                              pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-                             stopping_criteria=self._stopping(batch["input_ids"].shape[1]))
-        texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                             stopping_criteria=self._stopping(batch["prompt_ids"].shape[1]))
+        texts = self.tokenizer.batch_decode(out[:, batch["prompt_ids"].shape[1]:], skip_special_tokens=True)
         rows = [{"prompt": prompt, "generated": text, "extracted": self._extract(text), "answer": answer,
                  "match": self._matches(text, answer)}
                 for prompt, text, answer in zip(batch["prompts"], texts, batch["answers"])]
         metrics["exact_match"].update(torch.tensor([row["match"] for row in rows], dtype=torch.float32))
         return rows
+
+    def _stopping(self, prompt_width: int) -> StoppingCriteriaList | None:
+        if self.answer_end is None:
+            return None
+        return StoppingCriteriaList([_StopAtAnswerEnd(self.tokenizer, self.answer_end, prompt_width)])
 
     def _extract(self, text: str) -> str | None:
         """What is compared: the final number (numeric answers) or the text, whitespace- and case-folded."""
@@ -262,6 +311,10 @@ def _answer_end(responses: list[str]) -> re.Pattern | None:
         if found is None or found.end() <= numbers[-1].start():  # it would stop at an earlier number
             return None
     return pattern
+
+
+def _response(record: Generation | Conversation) -> str:
+    return record.messages[-1][1] if isinstance(record, Conversation) else record.response
 
 
 def _final_number(text: str) -> str | None:
