@@ -28,6 +28,17 @@ def test_bench_runs_every_method_and_writes_table_json_and_plot(tmp_path):
     assert rows["grass+stream"]["optimizer_state_mb"] < rows["grass"]["optimizer_state_mb"]
     table = (tmp_path / "bench.md").read_text()
     assert all(f"| {m} |" in table for m in ROWS) and "(1.00×)" in table
+
+
+@pytest.mark.slow
+def test_bench_with_gradient_checkpointing_runs_every_row_with_it(tmp_path):
+    command = [sys.executable, "-m", "grass_lightning.bench", "--model", "tiny_llama", "--steps", "1", "--probe-steps", "1",
+               "--batch-size", "2", "--seq-len", "16", "--methods", "full,grass", "--gradient-checkpointing",
+               "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert "--gradient-checkpointing" in report["command"] and len(report["rows"]) == 2
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 

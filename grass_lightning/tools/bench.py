@@ -93,7 +93,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     from grass_lightning.app.run import trainer_strategy
     from grass_lightning.core.blocks import find_blocks
 
-    overrides = [f"model={args.model}", *_OVERRIDES[method]]
+    overrides = [f"model={args.model}", f"model.gradient_checkpointing={args.gradient_checkpointing}", *_OVERRIDES[method]]
     if method.startswith(("lisa", "grass")):
         overrides.append(f"method.sampling_period={args.sampling_period}")
     if method.startswith("grass") and args.probe_steps is not None:
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="LISA/GRASS steps per active set; short, so several sets fall in the timed steps")
     parser.add_argument("--probe-steps", type=int, default=None, help="GRASS probe steps (default: the method's)")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="every row recomputes block activations in backward (model.gradient_checkpointing=true)")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--out", type=Path, default=Path("bench"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print its JSON
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "command": "python -m grass_lightning.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.model, "batch_size": args.batch_size, "accumulate": args.accumulate, "seq_len": args.seq_len,
-        "precision": args.precision,
+        "precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing,
         "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "wall_time_s": round(time.perf_counter() - started),
         "rows": rows,
     }
