@@ -37,7 +37,7 @@ def test_each_method_and_task_runs_and_writes_metrics(tmp_path, data_files, meth
     assert metrics["steps"] == 4 + metrics["probe_steps"] and metrics["probe_steps"] == (1 if method == "grass" else 0)
     assert metrics["score_name"] == ("exact_match" if data == "prompt" else "accuracy")
     assert set(metrics["scores"]) == {"classification": {"accuracy", "loss"}, "choice": {"accuracy", "accuracy_norm"},
-                                      "prompt": {"exact_match"}}[data]
+                                      "prompt": {"exact_match", "loss", "perplexity"}}[data]
     assert metrics["scores"][metrics["score_name"]] == score and set(metrics["scores_before"]) == set(metrics["scores"])
     assert metrics["step_time_s"] > 0 and metrics["peak_memory_mb"] > 0
     total = metrics["total_params"]

@@ -1,5 +1,6 @@
-"""The damaged-block study on a tiny random BERT: damage, runs, and what the table reads."""
+"""The studies on tiny models and fake runs: damage, runs, and what the tables read."""
 
+import argparse
 import csv
 import json
 
@@ -9,7 +10,7 @@ from omegaconf import OmegaConf
 
 from grass_lightning import find_blocks
 from grass_lightning.app.models import ModelSpec, load_model
-from grass_lightning.tools.study import VARIANTS, main, reinitialise
+from grass_lightning.tools.study import COMMONSENSE, VARIANTS, main, reinitialise, run_commonsense, summarise_commonsense
 from tests.helpers.app import CONF, classification_rows, write_jsonl
 
 
@@ -56,3 +57,45 @@ def test_the_damaged_study_runs_every_method_and_reports_the_share_of_updates_to
     table = (out / "summary.md").read_text()
     assert "| grass_reprobe | 2 |" in table and "| lisa | 2 |" in table and "Blocks [0] of tiny" in table
     assert (out / "damaged.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _fake_commonsense(root, scores):
+    """metrics.json files laid out as the commonsense study writes them: <variant>/<set>_seed<s>/."""
+    for (label, name, seed), value in scores.items():
+        folder = root / label / f"{name}_seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"score_name": "accuracy", "scores": {"accuracy": value,
+                                                                                               "accuracy_norm": value / 2}}))
+
+
+def test_commonsense_summary_pairs_each_variant_with_lisa_seed_by_seed(tmp_path):
+    offsets = {"grass": 0.02, "grass_reprobe": 0.03, "static": 0.01, "lisa": 0.0}
+    scores = {(label, name, seed): 0.5 + offset + 0.1 * seed + (0.2 if name == "piqa" else 0.0)
+              for label, offset in offsets.items() for name in ("arc_easy", "piqa") for seed in (0, 1)}
+    scores[("lisa", "arc_easy", 2)] = 0.9  # a seed that the other variants lack is left out
+    _fake_commonsense(tmp_path, scores)
+    table = summarise_commonsense(tmp_path, None)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["sets"] == ["arc_easy", "piqa"] and summary["seeds"] == [0, 1]
+    assert summary["mean"]["grass"]["0"] == pytest.approx(0.62) and summary["mean"]["lisa"]["1"] == pytest.approx(0.7)
+    assert "| grass − lisa | +0.0200 | +0.0200 | +0.020 ± 0.000 |" in table
+    assert "| grass − static | +0.0100 | +0.0100 | +0.010 ± 0.000 |" in table
+    summarise_commonsense(tmp_path, "accuracy_norm")
+    assert json.loads((tmp_path / "summary_accuracy_norm.json").read_text())["mean"]["lisa"]["0"] == pytest.approx(0.3)
+
+
+def test_commonsense_study_runs_seed_by_seed_and_skips_finished_runs(tmp_path, monkeypatch):
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: calls.append(command))
+    _fake_commonsense(tmp_path, {("grass", name, 0): 0.5 for name in COMMONSENSE})
+    run_commonsense(argparse.Namespace(seeds=2, steps=40, period=4, out=tmp_path, overrides=[]))
+    labels = [next(a for a in c if a.startswith("hydra.sweep.dir=")).rsplit("/", 1)[1] for c in calls]
+    seeds = [next(a for a in c if a.startswith("seed=")) for c in calls]
+    assert labels[:4] == ["grass_reprobe", "grass_reprobe", "static", "static"]  # grass seed 0 is done
+    assert seeds == ["seed=0"] * 6 + ["seed=1"] * 8  # seed by seed: a study cut short still pairs its seeds
+    piqa = [c for c in calls if "data=piqa" in c]
+    assert len(piqa) == 7 and all("data.test_size=300" in c for c in piqa)
+    assert all("method.probe_steps=4" in c for c in calls if "method=lisa" not in c)
+    assert not any("method.probe_steps=4" in c for c in calls if "method=lisa" in c)

@@ -1,4 +1,7 @@
-"""The damaged-block study: does importance sampling find the blocks that matter most?
+"""Studies of the sampling: GRASS (paper rule), GRASS with re-probing, static GRASS and LISA,
+paired by seed (the same data order per seed for every method).
+
+``damaged``: does importance sampling find the blocks that matter most?
 
 Re-initialise k blocks of a pretrained model (normal(0, initializer_range) weights, unit norms,
 zero biases, from a fixed seed), so that those k blocks are known to be the ones fine-tuning
@@ -12,6 +15,14 @@ shared by the methods), and report per method:
 
     python -m grass_lightning.study damaged                      # 20 runs into multirun/damaged
     python -m grass_lightning.study damaged --summarise-only     # tables and plot from the runs
+
+``commonsense``: the real-data comparison, SmolLM2-135M-Instruct on `COMMONSENSE`'s five sets,
+``--steps`` updates with a new active set every ``--period`` (GRASS probes ``--period`` steps
+first), no setting chosen on any score; per set and over the sets' mean, with each variant's
+paired difference to LISA, adaptive minus static, and re-probing minus the paper's rule.
+
+    python -m grass_lightning.study commonsense --out multirun/commonsense10          # 100 runs
+    python -m grass_lightning.study commonsense --out multirun/commonsense10 --summarise-only --score accuracy_norm
 
 Runs already finished (a metrics.json) are kept, so an interrupted study continues.
 """
@@ -120,6 +131,62 @@ def run_all(args: argparse.Namespace) -> None:
             train(cfg)[1].release()
 
 
+COMMONSENSE = {"arc_easy": None, "arc_challenge": None, "openbookqa": None, "winogrande": None, "piqa": 300}  # set: test_size
+PAIRS = [("grass", "lisa"), ("grass_reprobe", "lisa"), ("static", "lisa"), ("grass", "static"), ("grass_reprobe", "grass")]
+
+
+def run_commonsense(args: argparse.Namespace) -> None:
+    """Seed by seed, every variant, as ``train.py`` multiruns over the sets (one process per variant and seed)."""
+    import subprocess
+    import sys
+
+    for seed in range(args.seeds):
+        for label, method in VARIANTS.items():
+            probe = [] if label == "lisa" else [f"method.probe_steps={args.period}"]
+            common = ["experiment=smollm2_commonsense", f"trainer.max_steps={args.steps}",
+                      f"method.sampling_period={args.period}", f"method.refresh_interval={args.period}",
+                      "trainer.enable_progress_bar=false", *method, *probe, f"seed={seed}",
+                      f"hydra.sweep.dir={args.out / label}", "hydra.sweep.subdir=${data.source}_seed${seed}", *args.overrides]
+            todo = [name for name in COMMONSENSE if not (args.out / label / f"{name}_seed{seed}" / "metrics.json").is_file()]
+            groups = [[n for n in todo if COMMONSENSE[n] is None]] + [[n] for n in todo if COMMONSENSE[n] is not None]
+            for names in filter(None, groups):
+                size = COMMONSENSE[names[0]]
+                print(f"commonsense study: {label} seed {seed}: {', '.join(names)}", flush=True)
+                subprocess.run([sys.executable, str(CONF.parent / "train.py"), "-m", *common, f"data={','.join(names)}",
+                                *([f"data.test_size={size}"] if size else [])], check=True, cwd=CONF.parent)
+
+
+def summarise_commonsense(out: Path, score: str | None) -> str:
+    """Per set and over the sets' mean (per seed, then mean ± std over seeds), with paired differences."""
+    runs = {}  # label -> set -> seed -> score
+    for label in VARIANTS:
+        for path in sorted((out / label).glob("*_seed*/metrics.json")):
+            metrics = json.loads(path.read_text())
+            name, seed = path.parent.name.rsplit("_seed", 1)
+            runs.setdefault(label, {}).setdefault(name, {})[int(seed)] = metrics["scores"][score or metrics["score_name"]]
+    sets = [name for name in COMMONSENSE if all(name in runs.get(label, {}) for label in VARIANTS)]
+    if not sets:
+        raise FileNotFoundError(f"{out}: no set has finished runs of every variant {list(VARIANTS)} yet.")
+    seeds = sorted(set.intersection(*(set(runs[label][name]) for label in VARIANTS for name in sets)))
+    mean = {label: {s: statistics.fmean(runs[label][name][s] for name in sets) for s in seeds} for label in VARIANTS}
+    header = ["variant", *sets, f"mean of {len(sets)}"]
+    lines = [f"{score or 'headline score'}, mean ± std over seeds {seeds}; the mean of the sets is taken per seed first.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label in VARIANTS:
+        cells = [_spread([runs[label][name][s] for s in seeds]) for name in sets]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_spread(list(mean[label].values()))} |")
+    lines += ["", "| paired difference, mean of the sets | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+              "|" + "---|" * (len(seeds) + 2)]
+    for a, b in PAIRS:
+        diffs = [mean[a][s] - mean[b][s] for s in seeds]
+        lines.append(f"| {a} − {b} | " + " | ".join(f"{d:+.4f}" for d in diffs) + f" | {_spread(diffs, signed=True)} |")
+    table = "\n".join(lines) + "\n"
+    suffix = f"_{score}" if score else ""
+    (out / f"summary{suffix}.md").write_text(table)
+    (out / f"summary{suffix}.json").write_text(json.dumps({"sets": sets, "seeds": seeds, "runs": runs, "mean": mean}, indent=1))
+    return table
+
+
 def read_run(run_dir: Path, damaged: set[int], checkpoints: list[int]) -> dict:
     """One run's share of block updates to damaged blocks, its validation loss after each of
     ``checkpoints`` updates, and its test score."""
@@ -197,24 +264,30 @@ def _plot(runs: dict, path: Path, damaged: list[int]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m grass_lightning.study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", choices=["damaged"])
+    parser.add_argument("study", choices=["damaged", "commonsense"])
     parser.add_argument("--model", default="minilm", help="a conf/model name, or a Hugging Face folder (default minilm)")
     parser.add_argument("--kind", default="classification", choices=["classification", "causal_lm"],
                         help="the folder's kind, when --model is a folder")
     parser.add_argument("--data", default="sst2", help="a conf/data name (default sst2)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 3], help="blocks to re-initialise")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=150, help="updates per run (trainer.max_steps)")
-    parser.add_argument("--period", type=int, default=10,
-                        help="sampling period = refresh interval = validation interval = GRASS's probe steps")
-    parser.add_argument("--out", type=Path, default=Path("multirun/damaged"))
+    parser.add_argument("--steps", type=int, default=None, help="updates per run (default: damaged 150, commonsense 40)")
+    parser.add_argument("--period", type=int, default=None,
+                        help="sampling period = refresh interval = GRASS's probe steps (and the damaged study's "
+                             "validation interval); default: damaged 10, commonsense 4 (10 draws in 40 updates)")
+    parser.add_argument("--out", type=Path, default=None, help="default multirun/<study>")
     parser.add_argument("--summarise-only", action="store_true")
+    parser.add_argument("--score", default=None, help="commonsense: the score to table (default: the headline accuracy)")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
     args = parser.parse_intermixed_args(argv)
+    damaged = args.study == "damaged"
+    args.steps = args.steps or (150 if damaged else 40)
+    args.period = args.period or (10 if damaged else 4)
+    args.out = args.out or Path("multirun") / args.study
     if not args.summarise_only:
         args.out.mkdir(parents=True, exist_ok=True)
-        run_all(args)
-    print(summarise(args.out, args.steps))
+        (run_all if damaged else run_commonsense)(args)
+    print(summarise(args.out, args.steps) if damaged else summarise_commonsense(args.out, args.score))
 
 
 if __name__ == "__main__":
