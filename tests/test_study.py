@@ -75,13 +75,13 @@ def test_commonsense_summary_pairs_each_variant_with_lisa_seed_by_seed(tmp_path)
     scores[("lisa", "arc_easy", 2)] = 0.9  # a seed that the other variants lack is left out
     _fake_commonsense(tmp_path, scores)
     table = summarise_commonsense(tmp_path, None)
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "commonsense.json").read_text())
     assert summary["sets"] == ["arc_easy", "piqa"] and summary["seeds"] == [0, 1]
     assert summary["mean"]["grass"]["0"] == pytest.approx(0.62) and summary["mean"]["lisa"]["1"] == pytest.approx(0.7)
     assert "| grass − lisa | +0.0200 | +0.0200 | +0.020 ± 0.000 |" in table
     assert "| grass − static | +0.0100 | +0.0100 | +0.010 ± 0.000 |" in table
     summarise_commonsense(tmp_path, "accuracy_norm")
-    assert json.loads((tmp_path / "summary_accuracy_norm.json").read_text())["mean"]["lisa"]["0"] == pytest.approx(0.3)
+    assert json.loads((tmp_path / "commonsense_accuracy_norm.json").read_text())["mean"]["lisa"]["0"] == pytest.approx(0.3)
 
 
 def test_commonsense_study_runs_seed_by_seed_and_skips_finished_runs(tmp_path, monkeypatch):

@@ -182,8 +182,8 @@ def summarise_commonsense(out: Path, score: str | None) -> str:
         lines.append(f"| {a} − {b} | " + " | ".join(f"{d:+.4f}" for d in diffs) + f" | {_spread(diffs, signed=True)} |")
     table = "\n".join(lines) + "\n"
     suffix = f"_{score}" if score else ""
-    (out / f"summary{suffix}.md").write_text(table)
-    (out / f"summary{suffix}.json").write_text(json.dumps({"sets": sets, "seeds": seeds, "runs": runs, "mean": mean}, indent=1))
+    (out / f"commonsense{suffix}.md").write_text(table)  # not summary.md: gather writes that, per run
+    (out / f"commonsense{suffix}.json").write_text(json.dumps({"sets": sets, "seeds": seeds, "runs": runs, "mean": mean}, indent=1))
     return table
 
 
