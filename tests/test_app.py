@@ -391,3 +391,13 @@ def test_the_shipped_chat_and_instruction_examples_train_a_tiny_model(tmp_path, 
     assert set(metrics["scores"]) == {"loss", "perplexity", "exact_match"} and metrics["score_name"] == "exact_match"
     assert metrics["scores"]["loss"] < metrics["scores_before"]["loss"]  # it learnt the responses
     assert metrics["scores"]["perplexity"] == pytest.approx(math.exp(metrics["scores"]["loss"]), rel=1e-3)
+
+
+def test_chat_data_for_a_tokenizer_without_a_chat_template_fails_before_any_weights_load(tmp_path, monkeypatch):
+    import grass_lightning.app.models as models
+
+    monkeypatch.setattr(models, "CHAT_TEMPLATE", None)
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    chat = CONF.parent / "examples" / "chat.jsonl"
+    with pytest.raises(ValueError, match=r"data\.path='.*chat\.jsonl': Chat data needs a tokenizer with a chat template"):
+        run.train(compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={chat}"))

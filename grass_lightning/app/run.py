@@ -30,7 +30,7 @@ from torch import nn
 from grass_lightning.app.datamodule import SplitsDataModule
 from grass_lightning.app.export import EXPORT_LORA, export_model
 from grass_lightning.app.methods import Method, build_method
-from grass_lightning.app.models import ModelSpec, load_model, model_skeleton, resolve_model_path
+from grass_lightning.app.models import ModelSpec, load_model, load_tokenizer, model_skeleton, resolve_model_path
 from grass_lightning.app.module import GrassModule, OptimConfig
 from grass_lightning.app.sources import Splits, carve
 from grass_lightning.app.tasks import task_class
@@ -150,9 +150,14 @@ def assemble(cfg: DictConfig) -> RunObjects:
     num_labels = len(records[0].choices) if spec.kind == "classification" else None
     _check_model(method, spec, model_path, num_labels, cfg.ckpt_path)
 
+    tokenizer = load_tokenizer(spec, model_path)  # the task checks it (a chat template for chat data) before weights load
+    try:
+        task = task_type(tokenizer, data["max_length"], records, max_new_tokens=data["max_new_tokens"])
+    except ValueError as error:
+        raise ValueError(f"data.path={data.get('path')!r}: {error}" if data["source"] == "jsonl" else str(error)) from None
+
     seed_everything(cfg.seed, workers=True)
-    model, tokenizer = load_model(spec, model_path, num_labels=num_labels)
-    task = task_type(tokenizer, data["max_length"], records, max_new_tokens=data["max_new_tokens"])
+    model, _ = load_model(spec, model_path, num_labels=num_labels)
     module = GrassModule(method.prepare(model, spec.kind), task, optim)
     datamodule = SplitsDataModule(splits, task, data["batch_size"], data["eval_batch_size"], seed=cfg.seed)
     stats = RunStats()
