@@ -127,10 +127,11 @@ def model_skeleton(spec: ModelSpec, path: str | None, num_labels: int | None = N
         return auto.from_config(config)
 
 
-def load_model(spec: ModelSpec, path: str | None, num_labels: int | None = None) -> tuple[nn.Module, object]:
-    """Model and tokenizer, in train mode (transformers 5 loads in eval mode)."""
+def load_model(spec: ModelSpec, path: str | None, num_labels: int | None = None,
+               tokenizer=None) -> tuple[nn.Module, object]:
+    """Model and tokenizer (``tokenizer``, if already loaded), in train mode (transformers 5 loads in eval mode)."""
     auto, config = _blueprint(spec, path, num_labels)
-    tokenizer = load_tokenizer(spec, path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec, path)
     model = auto.from_config(config) if spec.source == "random" else auto.from_pretrained(path, config=config)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -157,7 +157,7 @@ def assemble(cfg: DictConfig) -> RunObjects:
         raise ValueError(f"data.path={data.get('path')!r}: {error}" if data["source"] == "jsonl" else str(error)) from None
 
     seed_everything(cfg.seed, workers=True)
-    model, _ = load_model(spec, model_path, num_labels=num_labels)
+    model, _ = load_model(spec, model_path, num_labels=num_labels, tokenizer=tokenizer)
     module = GrassModule(method.prepare(model, spec.kind), task, optim)
     datamodule = SplitsDataModule(splits, task, data["batch_size"], data["eval_batch_size"], seed=cfg.seed)
     stats = RunStats()

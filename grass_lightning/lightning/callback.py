@@ -131,7 +131,7 @@ class GrassCallback(Callback):
             self._user_max_steps = trainer.max_steps
             trainer.fit_loop.epoch_loop.max_steps = trainer.max_steps + self.config.probe_steps
         tied = layout.tied() and self.config.train_embeddings != self.config.train_head
-        offload = trainer.strategy.offload if isinstance(trainer.strategy, OffloadingStrategy) else "none"
+        offload = _offload_mode(trainer)
         rank_zero_info(
             f"GRASS: {len(layout)} blocks at {layout.path!r}, training {self.config.num_active} at a time "
             f"(sampler={self.config.sampler!r}, probe_steps={self.config.probe_steps}, offload={offload!r})."
@@ -155,9 +155,8 @@ class GrassCallback(Callback):
         seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
         # Hooks in backward see gradients before DDP all-reduces them and before AMP unscales them.
         measure_in_backward = trainer.world_size == 1 and loss_scaler(trainer) is None
-        strategy = trainer.strategy
-        offload = strategy.offload if isinstance(strategy, OffloadingStrategy) else "none"
-        self.schedule = GrassSchedule(self._layout, trainer.optimizers, self.config, seed, measure_in_backward, offload)
+        self.schedule = GrassSchedule(self._layout, trainer.optimizers, self.config, seed, measure_in_backward,
+                                      _offload_mode(trainer))
         if self._saved_state is not None:
             self.schedule.load_state_dict(self._saved_state)
         self.schedule.start()
@@ -250,3 +249,8 @@ class GrassCallback(Callback):
             metrics["grass/moments_device_mb"] = schedule.offloader.device_bytes() / 2**20
             metrics["grass/moments_host_mb"] = schedule.offloader.host_bytes() / 2**20
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+
+def _offload_mode(trainer: Trainer) -> str:
+    """The offload mode of the Trainer's strategy: ``"none"`` unless it is an offloading one."""
+    return trainer.strategy.offload if isinstance(trainer.strategy, OffloadingStrategy) else "none"
