@@ -1,6 +1,8 @@
 """Run by test_ddp.py as its own program, ``python -m tests.ddp_worker <strategy>`` from the
 repository root: Lightning's DDP launcher starts a second process with the same command line. Asserts on every step that both ranks train the same blocks with the same
-importance, and at the end that their weights agree."""
+importance, and at the end that their weights agree. Prints what DDP's gradient buckets hold
+against what a step trains (DDP sizes its buckets when it wraps the model, before GRASS freezes
+any block)."""
 
 import sys
 
@@ -15,6 +17,17 @@ class RanksAgree(Callback):
     def __init__(self, grass: GrassCallback) -> None:
         self.grass = grass
         self.host_bytes = 0
+        self.bucket_bytes = 0
+        self.trained_bytes = 0
+
+    def on_train_start(self, trainer, pl_module):
+        sizes = trainer.strategy.model._get_ddp_logging_data()["bucket_sizes"]
+        self.bucket_bytes = sum(int(size) for size in sizes.split(","))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if not self.grass.schedule.probing:
+            trained = sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.grad is not None)
+            self.trained_bytes = max(self.trained_bytes, trained)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         schedule = self.grass.schedule
@@ -39,6 +52,8 @@ if __name__ == "__main__":
     if trainer.global_rank == 0:
         print("history", grass.state_dict()["history"])
         print("strategy", type(trainer.strategy).__name__, "moments on host", agree.host_bytes > 0, flush=True)
+        every = sum(p.numel() * p.element_size() for p in module.parameters())
+        print(f"ddp bucket bytes {agree.bucket_bytes} trained bytes {agree.trained_bytes} parameter bytes {every}", flush=True)
     # Both ranks leave together: a rank that exits while the other still tears down gloo aborted
     # about one run in six ("terminate called without an active exception").
     trainer.strategy.barrier("exit")

@@ -45,13 +45,25 @@ def test_each_method_and_task_runs_and_writes_metrics(tmp_path, data_files, meth
         assert metrics["trainable_params_max"] == total
     elif method == "lora":
         assert 0 < metrics["trainable_params_max"] < total / 5  # rank-2 adapters of a tiny model
-    else:  # two blocks and the head (embeddings frozen by default)
+    else:  # two blocks and the head; LISA as published trains the embeddings too
         model, _ = load_model(ModelSpec(**OmegaConf.to_container(cfg.model)), None, num_labels=2)
         layout = find_blocks(model)
         expected = 2 * sum(p.numel() for p in layout.block_params(0)) + sum(
-            p.numel() for p in layout.always_trained(train_embeddings=False, train_head=True))
+            p.numel() for p in layout.always_trained(train_embeddings=method == "lisa", train_head=True))
         assert metrics["trainable_params_max"] == expected
     assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_badam_runs_from_the_config_and_trains_one_block(tmp_path, data_files):
+    pytest.importorskip("badam")
+    cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", "method=badam",
+                      "method.switch_block_every=2", "export=false")
+    run.train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    model, _ = load_model(ModelSpec(**OmegaConf.to_container(cfg.model)), None)
+    block = sum(p.numel() for p in find_blocks(model).block_params(0))
+    assert metrics["method"] == "badam" and metrics["updates"] == 4 and metrics["trainable_params_max"] == block
 
 
 @pytest.mark.slow
@@ -200,12 +212,14 @@ def test_two_by_two_multirun_writes_two_metrics_per_method(tmp_path):
 def test_every_config_file_composes(tmp_path, group):
     for choice in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
         cfg = compose_run(tmp_path, f"{group}={choice}")
-        assert cfg.model.kind in ("causal_lm", "classification") and cfg.method.name in ("full", "lora", "lisa", "grass")
+        assert cfg.model.kind in ("causal_lm", "classification") and cfg.method.name in ("full", "lora", "badam", "lisa", "grass")
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "lisa", "grass"])
+@pytest.mark.parametrize("method", ["full", "lora", "badam", "lisa", "grass"])
 def test_every_experiment_builds_with_every_method(tmp_path, method):
     """An experiment may not set a method's settings: `-m experiment=... method=full,lora,lisa,grass` must build."""
+    if method == "badam":
+        pytest.importorskip("badam")
     for experiment in sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")):
         cfg = compose_run(tmp_path, f"experiment={experiment}", f"method={method}")
         assert run.build_method(OmegaConf.to_container(cfg.method, resolve=True), seed=0).name == method

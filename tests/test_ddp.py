@@ -1,6 +1,7 @@
 """GRASS under Lightning's own DDP: two CPU processes (gloo) agree on blocks, importance, weights."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,10 @@ def test_two_ranks_train_the_same_blocks_and_end_with_the_same_weights(strategy,
     assert done.returncode == 0, done.stderr[-3000:]
     assert "history [[2, " in done.stdout  # the first draw comes after the 2 probe steps
     assert f"strategy {expected}" in done.stdout
+    # the README's DDP memory note: buckets for every parameter, however few train
+    buckets, trained, every = map(int, re.search(r"ddp bucket bytes (\d+) trained bytes (\d+) parameter bytes (\d+)",
+                                                   done.stdout).groups())
+    assert buckets == every and 0 < trained < every
 
 
 @pytest.mark.slow

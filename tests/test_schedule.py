@@ -294,3 +294,15 @@ def test_a_resume_inside_a_reprobe_opens_the_idle_blocks_again():
     resumed.load_state_dict(state)
     resumed.start()
     assert resumed.reprobing and all(p.requires_grad for p in model2.body.layers.parameters())
+
+
+def test_activate_trains_the_chosen_blocks_until_the_next_draw():
+    model, optimizer, schedule = _make(probe_steps=1, sampling_period=3)
+    with pytest.raises(RuntimeError, match="activate\\(\\) while probing"):
+        schedule.activate([0])
+    steps = plain_steps(model, optimizer, schedule, 1)
+    next(steps)  # the probe step; the first draw follows
+    schedule.activate([0])
+    trained = [(active, _blocks_of(changed)) for active, _, changed in plain_steps(model, optimizer, schedule, 5)]
+    assert trained[0] == ([0], {0}) and schedule.history[1] == (1, [0])
+    assert trained[2][0] == [0] and len(schedule.history) == 3  # the sampler draws again at its period

@@ -55,7 +55,7 @@ def test_the_damaged_study_runs_every_method_and_reports_the_share_of_updates_to
             assert len(trained) == 6 and run["share"] == pytest.approx(trained.count("1.0") / 6)  # gamma = 1
             assert all(v == v for v in run["val_loss"].values())  # validated at updates 2 and 4
     table = (out / "summary.md").read_text()
-    assert "| grass_reprobe | 2 |" in table and "| lisa | 2 |" in table and "Blocks [0] of tiny" in table
+    assert "| grass_reprobe | 2 |" in table and "| uniform | 2 |" in table and "Blocks [0] of tiny" in table
     assert (out / "damaged.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -68,20 +68,20 @@ def _fake_commonsense(root, scores):
                                                                                                "accuracy_norm": value / 2}}))
 
 
-def test_commonsense_summary_pairs_each_variant_with_lisa_seed_by_seed(tmp_path):
-    offsets = {"grass": 0.02, "grass_reprobe": 0.03, "static": 0.01, "lisa": 0.0}
+def test_commonsense_summary_pairs_each_variant_with_uniform_sampling_seed_by_seed(tmp_path):
+    offsets = {"grass": 0.02, "grass_reprobe": 0.03, "static": 0.01, "uniform": 0.0}
     scores = {(label, name, seed): 0.5 + offset + 0.1 * seed + (0.2 if name == "piqa" else 0.0)
               for label, offset in offsets.items() for name in ("arc_easy", "piqa") for seed in (0, 1)}
-    scores[("lisa", "arc_easy", 2)] = 0.9  # a seed that the other variants lack is left out
+    scores[("uniform", "arc_easy", 2)] = 0.9  # a seed that the other variants lack is left out
     _fake_commonsense(tmp_path, scores)
     table = summarise_commonsense(tmp_path, None)
     summary = json.loads((tmp_path / "commonsense.json").read_text())
     assert summary["sets"] == ["arc_easy", "piqa"] and summary["seeds"] == [0, 1]
-    assert summary["mean"]["grass"]["0"] == pytest.approx(0.62) and summary["mean"]["lisa"]["1"] == pytest.approx(0.7)
-    assert "| grass − lisa | +0.0200 | +0.0200 | +0.020 ± 0.000 |" in table
+    assert summary["mean"]["grass"]["0"] == pytest.approx(0.62) and summary["mean"]["uniform"]["1"] == pytest.approx(0.7)
+    assert "| grass − uniform | +0.0200 | +0.0200 | +0.020 ± 0.000 |" in table
     assert "| grass − static | +0.0100 | +0.0100 | +0.010 ± 0.000 |" in table
     summarise_commonsense(tmp_path, "accuracy_norm")
-    assert json.loads((tmp_path / "commonsense_accuracy_norm.json").read_text())["mean"]["lisa"]["0"] == pytest.approx(0.3)
+    assert json.loads((tmp_path / "commonsense_accuracy_norm.json").read_text())["mean"]["uniform"]["0"] == pytest.approx(0.3)
 
 
 def test_commonsense_study_runs_seed_by_seed_and_skips_finished_runs(tmp_path, monkeypatch):
@@ -97,5 +97,6 @@ def test_commonsense_study_runs_seed_by_seed_and_skips_finished_runs(tmp_path, m
     assert seeds == ["seed=0"] * 6 + ["seed=1"] * 8  # seed by seed: a study cut short still pairs its seeds
     piqa = [c for c in calls if "data=piqa" in c]
     assert len(piqa) == 7 and all("data.test_size=300" in c for c in piqa)
-    assert all("method.probe_steps=4" in c for c in calls if "method=lisa" not in c)
-    assert not any("method.probe_steps=4" in c for c in calls if "method=lisa" in c)
+    assert all("method.probe_steps=4" in c for c in calls if "method.sampler=uniform" not in c)
+    assert not any("method.probe_steps=4" in c for c in calls if "method.sampler=uniform" in c)
+    assert not any("method=lisa" in c for c in calls)  # LISA as published trains embeddings: not the sampling alone

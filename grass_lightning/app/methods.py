@@ -2,9 +2,13 @@
 
 - `Full`: every parameter trains.
 - `Lora`: peft LoRA adapters on every linear layer of the blocks; the base stays frozen.
-- `BlockMethod`: GrassCallback; ``grass`` samples blocks by importance, ``lisa`` uniformly with
-  no probe (LISA's scheme). Block moments can live in host memory: ``offload: park|stream``
-  (see :mod:`grass_lightning.core.offload`); the run then trains under an offloading strategy.
+- `BlockMethod`: GrassCallback; ``grass`` samples blocks by importance, ``lisa`` is LISA as
+  published (uniform, embeddings and head trained, moments kept), and ``grass`` with
+  ``sampler=uniform`` is LISA's choice with GRASS's other settings, labelled ``grass-uniform``.
+  Block moments can live in host memory: ``offload: park|stream`` (see
+  :mod:`grass_lightning.core.offload`); the run then trains under an offloading strategy.
+- `Badam`: BAdam (Luo et al. 2024), the ``badam`` package's own ``BlockOptimizer`` around the
+  module's AdamW (``pip install "grass-lightning[peers]"``).
 
 A new method is a YAML file plus a `Method` subclass. Everything is validated when the method
 is built, before any model is loaded; errors name ``method.<key>`` and the value.
@@ -12,13 +16,18 @@ is built, before any model is loaded; errors name ``method.<key>`` and the value
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.optim import Optimizer
 
+from grass_lightning.core.blocks import find_blocks
 from grass_lightning.core.config import SETTINGS
 from grass_lightning.core.offload import check_offload
 from grass_lightning.lightning.callback import GrassCallback
+
+BADAM_SWITCH_MODES = ("random", "ascending", "descending")  # BAdam's orders ("fixed" never switches)
 
 
 class Method:
@@ -32,6 +41,8 @@ class Method:
     """
 
     SETTINGS: tuple[str, ...] = ()  # the keys its YAML may set besides name, lr, offload
+    resumable = True  # whether a checkpoint holds all its state (ckpt_path)
+    resumable_why = ""
 
     def __init__(self, name: str, lr: float, offload: str = "none", seed: int | None = None) -> None:
         if offload != "none":
@@ -42,6 +53,10 @@ class Method:
     def prepare(self, model: nn.Module, kind: str) -> nn.Module:
         """The model as this method trains it."""
         return model
+
+    def wrap_optimizer(self, optimizer: Optimizer, model: nn.Module) -> Optimizer:
+        """The optimizer as this method steps it (`GrassModule.configure_optimizers` calls this)."""
+        return optimizer
 
 
 class Full(Method):
@@ -76,8 +91,65 @@ class BlockMethod(Method):
                  blocks: str | None = None, **settings) -> None:
         callback = GrassCallback(blocks=blocks, seed=seed, **settings)
         check_offload(offload, callback.config.idle_moments)
-        self.name, self.lr, self.offload = name, lr, offload
+        sampler = callback.config.sampler
+        self.name = f"grass-{sampler}" if name == "grass" and sampler != "grass" else name  # tables say which
+        self.lr, self.offload = lr, offload
         self.callbacks = [callback]
+
+
+class Badam(Method):
+    """BAdam: one block at a time, switched every ``switch_block_every`` steps in ``switch_mode``
+    order, its Adam moments dropped at each switch; by the ``badam`` package's ``BlockOptimizer``.
+
+    The blocks are the model's transformer blocks (what BAdam infers for Llama-style models,
+    found here for any model `find_blocks` knows); ``include_embedding``/``include_lm_head`` add
+    those as blocks of their own, as in BAdam. A BAdam run cannot resume from a checkpoint.
+    """
+
+    SETTINGS = ("switch_block_every", "switch_mode", "include_embedding", "include_lm_head", "blocks")
+    resumable = False
+    resumable_why = "BAdam's BlockOptimizer keeps its block order and step count outside its state_dict"
+
+    def __init__(self, name: str, lr: float, switch_block_every: int, switch_mode: str,
+                 include_embedding: bool = False, include_lm_head: bool = False, blocks: str | None = None,
+                 offload: str = "none", seed: int | None = None) -> None:
+        super().__init__(name, lr, offload, seed)
+        if isinstance(switch_block_every, bool) or not isinstance(switch_block_every, int) or switch_block_every < 1:
+            raise ValueError(f"switch_block_every={switch_block_every!r} must be an integer >= 1.")
+        if switch_mode not in BADAM_SWITCH_MODES:
+            raise ValueError(f"switch_mode={switch_mode!r} is not one of {', '.join(BADAM_SWITCH_MODES)}.")
+        try:
+            import badam  # noqa: F401
+        except ImportError:
+            raise ValueError("_target_=Badam needs the badam package: pip install \"grass-lightning[peers]\" "
+                             "(or pip install badam).") from None
+        self.switch_block_every, self.switch_mode = switch_block_every, switch_mode
+        self.include_embedding, self.include_lm_head, self.blocks = include_embedding, include_lm_head, blocks
+
+    def wrap_optimizer(self, optimizer: Optimizer, model: nn.Module) -> Optimizer:
+        from badam import BlockOptimizer
+
+        class ClosureFirst(BlockOptimizer):
+            """BAdam moves gradients into its fp32 copies before its base optimizer runs the
+            closure, where Lightning calls ``on_before_optimizer_step``: clipping and callbacks
+            would find no gradient. Torch's optimizers run the closure first; so does this."""
+
+            def step(self, closure=None):
+                if closure is not None:
+                    with torch.enable_grad():
+                        closure()
+                return super().step()
+
+        layout = find_blocks(model, self.blocks)
+        prefixes = [[f"{layout.path}.{i}."] for i in range(len(layout))]
+        outside = [n for n, _ in model.named_parameters() if not n.startswith(f"{layout.path}.")]
+        if self.include_embedding:
+            prefixes.append([n for n in outside if "embed" in n])
+        if self.include_lm_head:
+            prefixes.append([n for n in outside if "embed" not in n])
+        # its random order comes from torch's global generator, seeded with the run
+        return ClosureFirst(optimizer, list(model.named_parameters()), block_prefix_list=prefixes,
+                            switch_block_every=self.switch_block_every, switch_mode=self.switch_mode, verbose=0)
 
 
 def build_method(config: DictConfig | dict, seed: int) -> Method:

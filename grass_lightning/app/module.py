@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from grass_lightning.lightning.loss_scaling import loss_scaler
@@ -81,14 +83,18 @@ class GrassModule(LightningModule):
         model: a Hugging Face model (put in train mode here: transformers 5 loads in eval mode).
         task: a task from :mod:`grass_lightning.app.tasks`.
         optim: optimizer settings.
+        wrap_optimizer: ``(adamw, model) -> optimizer``, for a method that steps AdamW its own way
+            (BAdam's ``BlockOptimizer``); see `grass_lightning.app.methods.Method.wrap_optimizer`.
     """
 
-    def __init__(self, model: nn.Module, task, optim: OptimConfig = OptimConfig()) -> None:
+    def __init__(self, model: nn.Module, task, optim: OptimConfig = OptimConfig(),
+                 wrap_optimizer: Callable[[Optimizer, nn.Module], Optimizer] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters({**asdict(optim), "betas": list(optim.betas)})
         self.automatic_optimization = False
         self.model = model.train()
         self.task = task
+        self._wrap_optimizer = wrap_optimizer
         self.val_metrics, self.test_metrics = task.metrics().clone(prefix="val/"), task.metrics().clone(prefix="test/")
         self.nonfinite_steps = 0
         self.test_rows: list[dict] = []  # what the task reports per test example (generation: the text)
@@ -183,6 +189,8 @@ class GrassModule(LightningModule):
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr, betas=tuple(hp.betas),
         )
+        if self._wrap_optimizer is not None:
+            optimizer = self._wrap_optimizer(optimizer, self.model)
         factor = functools.partial(lr_factor, warmup=hp.warmup_steps, total=self.trainer.max_steps, kind=hp.lr_schedule)
         return [optimizer], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}]
 

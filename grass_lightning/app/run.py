@@ -146,6 +146,8 @@ def assemble(cfg: DictConfig) -> RunObjects:
     task_type = task_class(spec.kind, records)
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file.")
+    if cfg.ckpt_path is not None and not method.resumable:
+        raise ValueError(f"ckpt_path={cfg.ckpt_path!r}: method={method.name} cannot resume a run ({method.resumable_why}).")
     model_path = resolve_model_path(spec)
     num_labels = len(records[0].choices) if spec.kind == "classification" else None
     _check_model(method, spec, model_path, num_labels, cfg.ckpt_path)
@@ -158,7 +160,7 @@ def assemble(cfg: DictConfig) -> RunObjects:
 
     seed_everything(cfg.seed, workers=True)
     model, _ = load_model(spec, model_path, num_labels=num_labels, tokenizer=tokenizer)
-    module = GrassModule(method.prepare(model, spec.kind), task, optim)
+    module = GrassModule(method.prepare(model, spec.kind), task, optim, method.wrap_optimizer)
     datamodule = SplitsDataModule(splits, task, data["batch_size"], data["eval_batch_size"], seed=cfg.seed)
     stats = RunStats()
     configured = [instantiate(c) for c in cfg.callbacks.values() if c is not None]  # `callbacks.<name>: null` drops one

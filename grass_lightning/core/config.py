@@ -7,7 +7,8 @@ The paper published no defaults; these are what we recommend and why:
 - ``sampling_period=50``: the paper's sensitivity study found 25-50 best and 5 too noisy; a
   block needs a few dozen steps of Adam to make progress before it is swapped out.
 - ``probe_steps=10``: ten full backward passes rank the blocks well enough; each costs about a
-  full fine-tuning step and updates nothing.
+  full fine-tuning step and updates nothing. Left unset (None) it is 10, or 0 with
+  ``sampler="uniform"``, which reads no importance.
 - ``refresh_interval=50``: equal to ``sampling_period``, so each refresh covers exactly the
   blocks trained in the period that just ended.
 - ``temperature=0.5``: with ``"max"`` normalisation the least important block keeps at least
@@ -24,6 +25,8 @@ The paper published no defaults; these are what we recommend and why:
   run, and blocks not drawn early otherwise keep probe-time values); see `GrassSchedule`.
 - ``idle_moments="drop"``: bounded optimizer memory without offloading. ``"keep"`` keeps Adam
   continuity but, on a plain strategy, memory grows toward full fine-tuning.
+- ``recompute="none"``: see `grass_lightning.core.recompute` and BENCHMARKS.md for what
+  ``"probe"`` and ``"idle"`` save and cost.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import math
 from dataclasses import dataclass, fields
 
 from grass_lightning.core.active_set import IDLE_MOMENTS
+from grass_lightning.core.recompute import RECOMPUTE
 from grass_lightning.core.sampling import NORMALIZATIONS, SAMPLERS
 
 
@@ -43,7 +47,7 @@ class GrassConfig:
         num_active: blocks trained at once (gamma).
         sampling_period: optimizer steps between draws of the active set (T_s).
         probe_steps: initial steps that measure every block and update nothing (T_p); must be
-            0 with ``sampler="uniform"``, which reads no importance.
+            0 with ``sampler="uniform"``, which reads no importance. None: 10, or 0 when uniform.
         refresh_interval: optimizer steps between importance refreshes (T_u).
         temperature: softmax temperature over the normalised importance (tau).
         ema: weight of the newest window in a refresh (alpha), in (0, 1].
@@ -58,11 +62,14 @@ class GrassConfig:
             the last k steps of each refresh window re-probe steps, which measure every block
             (and still train the active set), so a refresh compares all blocks at one point of
             training.
+        recompute: blocks that backward passes through without training them recompute their
+            activations instead of holding them: ``"none"``; ``"probe"``, in probe and re-probe
+            steps (which train nothing, or only the active set); ``"idle"``, in every step.
     """
 
     num_active: int = 2
     sampling_period: int = 50
-    probe_steps: int = 10
+    probe_steps: int | None = None
     refresh_interval: int = 50
     temperature: float = 0.5
     ema: float = 0.5
@@ -72,8 +79,11 @@ class GrassConfig:
     train_head: bool = True
     idle_moments: str = "drop"
     reprobe_steps: int = 0
+    recompute: str = "none"
 
     def __post_init__(self) -> None:
+        if self.probe_steps is None:
+            object.__setattr__(self, "probe_steps", 0 if self.sampler == "uniform" else 10)
         for name in ("num_active", "sampling_period", "refresh_interval"):
             _require_int(name, getattr(self, name), minimum=1)
         _require_int("probe_steps", self.probe_steps, minimum=0)
@@ -95,6 +105,7 @@ class GrassConfig:
         _require_choice("sampler", self.sampler, SAMPLERS)
         _require_choice("normalization", self.normalization, NORMALIZATIONS)
         _require_choice("idle_moments", self.idle_moments, IDLE_MOMENTS)
+        _require_choice("recompute", self.recompute, RECOMPUTE)
         for name in ("train_embeddings", "train_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")

@@ -37,6 +37,7 @@ from grass_lightning.core.config import GrassConfig
 from grass_lightning.core.importance import ImportanceEstimate, block_rms
 from grass_lightning.core.offload import check_offload, make_offloader
 from grass_lightning.core.probe import GradientProbe
+from grass_lightning.core.recompute import BlockRecompute
 from grass_lightning.core.sampling import BlockSampler, sampling_logits
 
 
@@ -80,6 +81,7 @@ class GrassSchedule:
             if self.offloader is not None:
                 self.offloader.close()
             raise
+        self.recompute = BlockRecompute(layout.blocks) if config.recompute != "none" else None
         self.importance = ImportanceEstimate(len(layout), config.ema)
         self.sampler = BlockSampler(config.num_active, seed)
         self.measure_in_backward = measure_in_backward
@@ -104,6 +106,7 @@ class GrassSchedule:
         if self.probing:
             self.active_set.only_blocks()
             self._listen(range(len(self._blocks)), free=range(len(self._blocks)))
+            self._recompute(range(len(self._blocks)))
         elif not self.active:
             self._draw()
         else:
@@ -152,6 +155,8 @@ class GrassSchedule:
         its parked moments (as host tensors)."""
         self._remove_probe()
         self.active_set.restore()
+        if self.recompute is not None:
+            self.recompute.remove()
         if self.offloader is not None:
             self.offloader.close()
             self.offloader = None
@@ -195,6 +200,15 @@ class GrassSchedule:
         if self.config.sampler != "uniform":
             self.logits = sampling_logits(self.importance.filled(), self.config.temperature, self.config.normalization)
 
+    def activate(self, blocks: Sequence[int]) -> None:
+        """Train ``blocks`` instead of the drawn active set until the next draw (a user's or a
+        benchmark's choice, e.g. the deepest draw; the sampler's stream is untouched)."""
+        if self.probing:
+            raise RuntimeError("activate() while probing: the probe measures every block and trains none.")
+        self.active = sorted(set(blocks))
+        self.history.append((self.step, list(self.active)))
+        self._activate()
+
     def _draw(self) -> None:
         self.active = self.sampler.draw(self.logits)
         self.history.append((self.step, list(self.active)))
@@ -210,6 +224,12 @@ class GrassSchedule:
             self._listen(self.active)
         else:
             self._remove_probe()
+        self._recompute(self._idle() if self._idle_open or self.config.recompute == "idle" else ())
+
+    def _recompute(self, blocks: Sequence[int]) -> None:
+        """Recompute ``blocks`` in backward from now on (if this schedule recomputes)."""
+        if self.recompute is not None:
+            self.recompute.set(set(blocks))
 
     def state_dict(self) -> dict:
         """Everything an exact resume needs, as plain types and tensors."""

@@ -81,11 +81,13 @@ class RunStats(Callback):
         return statistics.median(timed) if timed else None
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh peak; on CPU first hand memory freed by earlier jobs back to the OS."""
+def reset_peak_memory(device: torch.device, release_cache: bool = True) -> None:
+    """Start a fresh peak; on CPU first hand memory freed by earlier jobs back to the OS.
+    ``release_cache=False`` keeps CUDA's cached blocks (per-step peaks: no re-allocation)."""
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        if release_cache:
+            torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     else:
         _malloc_trim()

@@ -4,16 +4,21 @@
     python -m grass_lightning.bench --model llama_1b --precision bf16-true   # on a GPU, random weights
 
 Every method trains in its own Python process, so each peak is its own, the way `train.py`
-trains: Lightning, `GrassModule`, the method's callback and (for ``+park``/``+stream``) the
-offloading strategy. Batches are random tokens: what a step costs does not depend on their
-values. Reported per method: the median time of the steps after the first ``skip`` (``skip``
-is 2, plus the probe steps for GRASS, which cost about a full fine-tuning step each and are
-reported apart), peak memory (CUDA's peak allocated on a GPU, the process's peak resident set
-on CPU) and the part of it held before training (libraries, weights), the mean number of blocks
-the backward pass runs through (the lowest trained block sets it: the main cost difference
-between LISA and GRASS runs, whose active sets differ), the most optimizer-state bytes on the training device after a step, the most
-parameters trained in one step, and each as a ratio to full fine-tuning. Writes ``bench.json``,
-``bench.md`` and ``bench.png`` into ``--out``.
+trains: Lightning, `GrassModule`, the method's callback or optimizer and (for ``+park``/
+``+stream``) the offloading strategy. The peers run their own code: BAdam is the ``badam``
+package's ``BlockOptimizer``; LoRA is peft. ``lisa`` is LISA as published (LMFlow's rule), run
+by our GrassCallback, as the table's implementation column says. Batches are random tokens:
+what a step costs does not depend on their values.
+
+A row's steps: GRASS's probe steps, 2 warm-up steps, ``--steps`` timed steps, then for a
+layer-wise method ``--deep-steps`` steps whose active set is forced to include the lowest block
+(backward then runs through every block: the deepest draw a run can make). Reported: the median
+time of the timed steps (probe steps apart); peak memory per step (CUDA's peak allocated on a
+GPU, the process's peak resident set on CPU, reset before each step), as the median of the timed
+steps, the most of the probe steps and of the deep steps, and the whole-run peak (the most of
+every step); the mean number of blocks backward runs through; the most optimizer-state bytes on
+the training device after a step; the most parameters trained in one step; each as a ratio to
+full fine-tuning. Writes ``bench.json``, ``bench.md`` and ``bench.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -32,17 +37,20 @@ import torch
 import torchmetrics
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from grass_lightning.lightning.stats import RunStats, current_memory_mb, peak_memory_mb
+from grass_lightning.lightning.stats import RunStats, current_memory_mb, peak_memory_mb, reset_peak_memory
 
-ROWS = ("full", "lora", "lisa", "grass", "grass+park", "grass+stream")  # the bench's rows: methods and variants
-_OVERRIDES = {  # each row as overrides of the Hydra config (conf/method)
-    "full": ["method=full"],
-    "lora": ["method=lora"],
-    "lisa": ["method=lisa"],
-    "grass": ["method=grass"],
-    "grass+park": ["method=grass", "method.offload=park", "method.idle_moments=keep"],
-    "grass+stream": ["method=grass", "method.offload=stream"],
+ROWS = {  # the bench's rows: overrides of the Hydra config (conf/method), and whose code runs
+    "full": (["method=full"], "torch AdamW"),
+    "lora": (["method=lora"], "peft"),
+    "badam": (["method=badam"], "badam BlockOptimizer"),
+    "lisa": (["method=lisa"], "grass_lightning, LMFlow's rule"),
+    "grass-uniform": (["method=grass", "method.sampler=uniform"], "grass_lightning"),
+    "grass": (["method=grass"], "grass_lightning"),
+    "grass+recompute": (["method=grass", "method.recompute=idle"], "grass_lightning"),
+    "grass+park": (["method=grass", "method.offload=park", "method.idle_moments=keep"], "grass_lightning"),
+    "grass+stream": (["method=grass", "method.offload=stream"], "grass_lightning"),
 }
+DEFAULT_ROWS = ("full", "lora", "badam", "lisa", "grass", "grass+recompute", "grass+park", "grass+stream")
 
 
 class _NextToken:
@@ -58,28 +66,63 @@ class _NextToken:
 
 
 class _Footprint(Callback):
-    """Memory when training starts (interpreter, libraries, weights), the most bytes the
-    optimizer's state holds on the training device after a step, and per step how many blocks
-    the backward pass runs through (from the lowest trained block up), which sets its cost."""
+    """Per optimizer step: its peak memory (reset before it starts), how many blocks backward
+    runs through (from the lowest block taking a gradient up; all of them when the embeddings
+    train); the most optimizer-state bytes on the training device after a step; and from step
+    ``deep_from`` on, an active set forced to include the lowest block.
 
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
+    Put it before `RunStats` in the callbacks, so that the reset is not timed."""
+
+    def __init__(self, layout, deep_from: int | None) -> None:
+        self.layout, self.deep_from = layout, deep_from
         self.most = 0
         self.start_mb: float | None = None
+        self.peaks: list[float] = []
         self.depths: list[int] = []
+        self._steps = 0
+        self._open = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start_mb = current_memory_mb(pl_module.device)
+        self._steps = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self._open:  # the first micro-batch of a step
+            reset_peak_memory(pl_module.device, release_cache=False)
+            self._open = True
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        schedule = next((c.schedule for c in trainer.callbacks if getattr(c, "schedule", None) is not None), None)
-        trained = schedule.active if schedule is not None and not schedule.probing else [0]
-        self.depths.append(self.num_blocks - min(trained))
+        if any(p.requires_grad for p in self.layout.embeddings):
+            self.depths.append(len(self.layout))
+            return
+        lowest = next((i for i, block in enumerate(self.layout.blocks)
+                       if any(p.requires_grad for p in block.parameters())), len(self.layout))
+        self.depths.append(len(self.layout) - lowest)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._steps:
+            return  # a micro-batch within a step
+        self._steps, self._open = trainer.global_step, False
+        self.peaks.append(peak_memory_mb(pl_module.device))
         held = sum(t.untyped_storage().nbytes() for opt in trainer.optimizers for state in opt.state.values()
                    for t in state.values() if torch.is_tensor(t) and t.dim() > 0 and t.device == pl_module.device)
         self.most = max(self.most, held)
+        if self.deep_from is not None and len(self.peaks) >= self.deep_from:
+            _force_lowest_block(trainer)
+
+
+def _force_lowest_block(trainer) -> None:
+    """Make the next step's active set include block 0, by each method's own switch."""
+    schedule = next((c.schedule for c in trainer.callbacks if getattr(c, "schedule", None) is not None), None)
+    if schedule is not None:
+        if 0 not in schedule.active:
+            schedule.activate([0, *sorted(schedule.active)[1:]])
+        return
+    optimizer = trainer.optimizers[0]
+    first = optimizer.block_prefix_list[0]  # BAdam: switch to its first block, as its own switch does
+    if optimizer.active_param_prefixs[:1] != first[:1]:
+        optimizer.current_block_idx = 0
+        optimizer.switch_trainable_params(verbose=0)
 
 
 def measure(method: str, args: argparse.Namespace) -> dict:
@@ -93,46 +136,78 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     from grass_lightning.app.run import trainer_strategy
     from grass_lightning.core.blocks import find_blocks
 
-    overrides = [f"model={args.model}", f"model.gradient_checkpointing={args.gradient_checkpointing}", *_OVERRIDES[method]]
-    if method.startswith(("lisa", "grass")):
+    overrides, implementation = ROWS[method]
+    overrides = [f"model={args.model}", f"model.gradient_checkpointing={args.gradient_checkpointing}", *overrides]
+    if method == "badam":
+        overrides.append(f"method.switch_block_every={args.sampling_period}")
+    elif method not in ("full", "lora"):
         overrides.append(f"method.sampling_period={args.sampling_period}")
-    if method.startswith("grass") and args.probe_steps is not None:
-        overrides.append(f"method.probe_steps={args.probe_steps}")
+        if args.probe_steps is not None and method != "lisa" and "method.sampler=uniform" not in overrides:
+            overrides.append(f"method.probe_steps={args.probe_steps}")
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     built = build_method(cfg.method, seed=0)
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     if spec.kind != "causal_lm":
         raise ValueError(f"--model {args.model}: the benchmark trains causal LMs; {spec.name} is a {spec.kind}.")
-    probe = sum(c.config.probe_steps for c in built.callbacks)  # none for LISA, full, LoRA
+    probe = sum(c.config.probe_steps for c in built.callbacks)  # none for LISA, full, LoRA, BAdam
     skip = 2 + probe  # GrassCallback runs the probe steps before max_steps updates
+    deep = args.deep_steps if method not in ("full", "lora") else 0  # their every step is full-depth
     seed_everything(0)
     model, _ = load_model(spec, resolve_model_path(spec))
     model = built.prepare(model, spec.kind)
     optim = OptimConfig(lr=built.lr, warmup_steps=0, lr_schedule="constant", accumulate_grad_batches=args.accumulate)
-    module = GrassModule(model, _NextToken(), optim)
-    steps = skip + args.steps
+    module = GrassModule(model, _NextToken(), optim, built.wrap_optimizer)
+    steps = skip + args.steps + deep
     vocab = model.get_input_embeddings().num_embeddings
     rows = steps * args.batch_size * args.accumulate
     tokens = torch.randint(0, vocab, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
-    stats, state = RunStats(warmup_steps=skip), _Footprint(len(find_blocks(model)))
+    stats = RunStats(warmup_steps=skip)
+    state = _Footprint(find_blocks(model), deep_from=skip + args.steps if deep else None)
     trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps - probe,
                       strategy=trainer_strategy("auto", built),
-                      callbacks=[*built.callbacks, stats, state], logger=False, enable_checkpointing=False,
+                      callbacks=[*built.callbacks, state, stats], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=args.batch_size))
+    timed = slice(skip, skip + args.steps)
     return {
         "method": method,
-        "step_time_s": stats.step_time_s(),
+        "implementation": implementation,
+        "configuration": _configuration(built),
+        "step_time_s": statistics.median(stats.step_times[timed]),
         "probe_step_time_s": statistics.median(stats.step_times[:probe]) if probe else None,
-        "peak_memory_mb": peak_memory_mb(module.device),
+        "median_step_peak_mb": statistics.median(state.peaks[timed]),
+        "probe_peak_mb": max(state.peaks[:probe]) if probe else None,
+        "deep_step_peak_mb": max(state.peaks[skip + args.steps:]) if deep else None,
+        "whole_run_peak_mb": max(state.peaks),
         "start_memory_mb": state.start_mb,
         "optimizer_state_mb": state.most / 2**20,
         "trainable_params": stats.trainable_params_max,
-        "timed_steps": len(stats.step_times) - skip,
-        "backward_blocks": statistics.mean(state.depths[skip:]),
+        "timed_steps": len(stats.step_times[timed]),
+        "backward_blocks": statistics.mean(state.depths[timed]),
+        "deep_backward_blocks": statistics.mean(state.depths[skip + args.steps:]) if deep else None,
         "device": str(module.device),
     }
+
+
+_IDLE = {"drop": "dropped", "keep": "kept"}
+
+
+def _configuration(built) -> str:
+    """The row's settings, as a table cell."""
+    if built.callbacks:
+        c = built.callbacks[0].config
+        trained = [part for part, on in (("embeddings", c.train_embeddings), ("head", c.train_head)) if on]
+        return (f"γ={c.num_active}, period {c.sampling_period}, sampler {c.sampler}, {c.probe_steps} probe steps, "
+                f"{' + '.join(trained) or 'nothing else'} trained, idle moments {_IDLE[c.idle_moments]}, "
+                f"recompute {c.recompute}" + (f", offload {built.offload}" if built.offload != "none" else ""))
+    if hasattr(built, "switch_block_every"):
+        return (f"1 block, switched every {built.switch_block_every} steps, {built.switch_mode} order, moments "
+                f"dropped at a switch, embeddings {'trained as a block' if built.include_embedding else 'frozen'}, "
+                f"head {'trained as a block' if built.include_lm_head else 'frozen'}")
+    if hasattr(built, "lora"):
+        return f"r={built.lora['r']}, alpha {built.lora['lora_alpha']}, {built.lora['target_modules']}"
+    return "every parameter"
 
 
 def table(rows: list[dict]) -> str:
@@ -140,18 +215,24 @@ def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["method"] == "full"), None)
 
     def cell(row, key, fmt):
-        ratio = f" ({row[key] / base[key]:.2f}×)" if base and base[key] else ""
+        if row[key] is None:
+            return "–"
+        ratio = f" ({row[key] / base[key]:.2f}×)" if base and base.get(key) else ""
         return f"{row[key]:{fmt}}{ratio}"
 
-    lines = ["| method | step time (s) | blocks back-propagated | peak memory (MB) | of which before training (MB) | "
-             "optimizer state on device (MB) | trained params | probe step (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | code | configuration | step time (s) | probe step (s) | blocks back-propagated | "
+             "peak, median step (MB) | peak, probe (MB) | peak, lowest block drawn (MB) | whole-run peak (MB) | "
+             "optimizer state on device (MB) | trained params |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        start = "–" if r["start_memory_mb"] is None else f"{r['start_memory_mb']:.0f}"
-        probe = "–" if r["probe_step_time_s"] is None else f"{r['probe_step_time_s']:.3f}"
-        lines.append(f"| {r['method']} | {cell(r, 'step_time_s', '.3f')} | {r['backward_blocks']:.1f} | "
-                     f"{cell(r, 'peak_memory_mb', '.0f')} | {start} | {cell(r, 'optimizer_state_mb', '.1f')} | "
-                     f"{r['trainable_params'] / 1e6:.2f}M | {probe} |")
+        peaks = [cell(r, "median_step_peak_mb", ".0f")]  # the others against full's whole-run peak
+        for key in ("probe_peak_mb", "deep_step_peak_mb", "whole_run_peak_mb"):
+            ratio = f" ({r[key] / base['whole_run_peak_mb']:.2f}×)" if r[key] is not None and base else ""
+            peaks.append("–" if r[key] is None else f"{r[key]:.0f}{ratio}")
+        depth = f"{r['backward_blocks']:.1f}" + ("" if r["deep_backward_blocks"] is None else f" ({r['deep_backward_blocks']:.0f} deep)")
+        lines.append(f"| {r['method']} | {r['implementation']} | {r['configuration']} | {cell(r, 'step_time_s', '.3f')} | "
+                     f"{cell(r, 'probe_step_time_s', '.3f')} | {depth} | {' | '.join(peaks)} | "
+                     f"{cell(r, 'optimizer_state_mb', '.1f')} | {r['trainable_params'] / 1e6:.2f}M |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,14 +244,15 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     base = next(r for r in rows if r["method"] == "full")
-    labels = {"step_time_s": "step time", "peak_memory_mb": "peak memory", "optimizer_state_mb": "optimizer state on device"}
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    labels = {"step_time_s": "step time", "median_step_peak_mb": "peak, median step",
+              "whole_run_peak_mb": "whole-run peak", "optimizer_state_mb": "optimizer state on device"}
+    fig, ax = plt.subplots(figsize=(9, 3.5))
     width = 0.8 / len(labels)
     for i, (key, label) in enumerate(labels.items()):
         ratios = [r[key] / base[key] if base[key] else 0.0 for r in rows]
         ax.bar([x + i * width for x in range(len(rows))], ratios, width, label=label)
     ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xticks([x + width for x in range(len(rows))], [r["method"] for r in rows])
+    ax.set_xticks([x + 1.5 * width for x in range(len(rows))], [r["method"] for r in rows], fontsize=8)
     ax.set_ylabel("ratio to full fine-tuning")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -181,11 +263,13 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="a config in conf/model (a causal LM)")
-    parser.add_argument("--methods", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches of --batch-size per optimizer step")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per method")
+    parser.add_argument("--deep-steps", type=int, default=2,
+                        help="layer-wise methods: steps after the timed ones whose active set includes the lowest block")
     parser.add_argument("--sampling-period", type=int, default=5,
                         help="LISA/GRASS steps per active set; short, so several sets fall in the timed steps")
     parser.add_argument("--probe-steps", type=int, default=None, help="GRASS probe steps (default: the method's)")
@@ -200,6 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in methods if m not in ROWS]
     if unknown:
         parser.error(f"--methods: {unknown[0]!r} is not one of {', '.join(ROWS)}")
+    if args.deep_steps < 0:
+        parser.error(f"--deep-steps={args.deep_steps} must be >= 0")
+    if "badam" in methods:
+        try:
+            import badam  # noqa: F401
+        except ImportError:
+            parser.error('--methods: badam needs the badam package: pip install "grass-lightning[peers]"')
     for name in ("batch_size", "seq_len", "accumulate", "steps", "sampling_period"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
@@ -216,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         if done.returncode != 0 or result is None:
             sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(result))
-        print(f"{method:>13}: {rows[-1]['step_time_s']:.3f} s/step, peak {rows[-1]['peak_memory_mb']:.0f} MB, "
+        print(f"{method:>15}: {rows[-1]['step_time_s']:.3f} s/step, whole-run peak {rows[-1]['whole_run_peak_mb']:.0f} MB, "
               f"optimizer state {rows[-1]['optimizer_state_mb']:.1f} MB on {rows[-1]['device']}", flush=True)
     report = {
         "command": "python -m grass_lightning.bench " + " ".join(argv if argv is not None else sys.argv[1:]),

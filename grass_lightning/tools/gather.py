@@ -25,7 +25,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-ORDER = ("full", "lora", "lisa", "grass")  # the methods of conf/method, densest first
+ORDER = ("full", "lora", "badam", "lisa", "grass-uniform", "grass-static", "grass")  # densest first
 COLUMNS = ("score_before", "score", "step_time_s", "peak_memory_mb", "trainable_params_max")
 
 

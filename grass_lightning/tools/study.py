@@ -1,17 +1,18 @@
-"""Studies of the sampling: GRASS (paper rule), GRASS with re-probing, static GRASS and LISA,
-paired by seed (the same data order per seed for every method).
+"""Studies of the sampling: GRASS (paper rule), GRASS with re-probing, static GRASS and uniform
+sampling (LISA's choice with GRASS's other settings, ``method=grass method.sampler=uniform``, so a
+difference is the sampling's alone), paired by seed (the same data order per seed for every method).
 
 ``damaged``: does importance sampling find the blocks that matter most?
 
 Re-initialise k blocks of a pretrained model (normal(0, initializer_range) weights, unit norms,
 zero biases, from a fixed seed), so that those k blocks are known to be the ones fine-tuning
 must repair. Then fine-tune the damaged model with GRASS (the paper's rule), GRASS with
-re-probing, static GRASS and LISA, over several seeds (one data order and one new head per seed,
+re-probing, static GRASS and uniform sampling, over several seeds (one data order and one new head per seed,
 shared by the methods), and report per method:
 
-- the share of block updates that went to damaged blocks (LISA's is k/L in expectation);
+- the share of block updates that went to damaged blocks (uniform's is k/L in expectation);
 - the validation loss at fixed update counts, and the held-out test score at the end;
-- each method's paired difference to LISA, seed by seed.
+- each method's paired difference to uniform sampling, seed by seed.
 
     python -m grass_lightning.study damaged                      # 20 runs into multirun/damaged
     python -m grass_lightning.study damaged --summarise-only     # tables and plot from the runs
@@ -19,7 +20,7 @@ shared by the methods), and report per method:
 ``commonsense``: the real-data comparison, SmolLM2-135M-Instruct on `COMMONSENSE`'s five sets,
 ``--steps`` updates with a new active set every ``--period`` (GRASS probes ``--period`` steps
 first), no setting chosen on any score; per set and over the sets' mean, with each variant's
-paired difference to LISA, adaptive minus static, and re-probing minus the paper's rule.
+paired difference to uniform sampling, adaptive minus static, and re-probing minus the paper's rule.
 
     python -m grass_lightning.study commonsense --out multirun/commonsense10          # 100 runs
     python -m grass_lightning.study commonsense --out multirun/commonsense10 --summarise-only --score accuracy_norm
@@ -48,7 +49,7 @@ VARIANTS = {  # label: overrides; every block method with the same period, refre
     "grass": ["method=grass"],
     "grass_reprobe": ["method=grass", "method.reprobe_steps=1"],
     "static": ["method=grass", "method.sampler=static"],
-    "lisa": ["method=lisa"],
+    "uniform": ["method=grass", "method.sampler=uniform"],  # reads no importance: no probe
 }
 
 
@@ -120,7 +121,7 @@ def run_all(args: argparse.Namespace) -> None:
         "test_before=false", *args.overrides,
     ]
     for label, method in VARIANTS.items():
-        probe = [] if label == "lisa" else [f"method.probe_steps={args.period}"]
+        probe = [] if label == "uniform" else [f"method.probe_steps={args.period}"]
         for seed in range(args.seeds):
             run_dir = args.out / label / f"seed{seed}"
             if (run_dir / "metrics.json").is_file():
@@ -132,7 +133,7 @@ def run_all(args: argparse.Namespace) -> None:
 
 
 COMMONSENSE = {"arc_easy": None, "arc_challenge": None, "openbookqa": None, "winogrande": None, "piqa": 300}  # set: test_size
-PAIRS = [("grass", "lisa"), ("grass_reprobe", "lisa"), ("static", "lisa"), ("grass", "static"), ("grass_reprobe", "grass")]
+PAIRS = [("grass", "uniform"), ("grass_reprobe", "uniform"), ("static", "uniform"), ("grass", "static"), ("grass_reprobe", "grass")]
 
 
 def run_commonsense(args: argparse.Namespace) -> None:
@@ -142,7 +143,7 @@ def run_commonsense(args: argparse.Namespace) -> None:
 
     for seed in range(args.seeds):
         for label, method in VARIANTS.items():
-            probe = [] if label == "lisa" else [f"method.probe_steps={args.period}"]
+            probe = [] if label == "uniform" else [f"method.probe_steps={args.period}"]
             common = ["experiment=smollm2_commonsense", f"trainer.max_steps={args.steps}",
                       f"method.sampling_period={args.period}", f"method.refresh_interval={args.period}",
                       "trainer.enable_progress_bar=false", *method, *probe, f"seed={seed}",
@@ -216,19 +217,19 @@ def summarise(out: Path, steps: int) -> str:
             for label in VARIANTS if (out / label).is_dir()}
     score_name = next(iter(next(iter(runs.values())).values()))["score_name"]
     header = ["method", "seeds", "share to damaged", *[f"val loss @{n}" for n in checkpoints],
-              f"val loss @{steps}", f"test {score_name}", f"{score_name} − LISA, paired"]
+              f"val loss @{steps}", f"test {score_name}", f"{score_name} − uniform, paired"]
     lines = [f"Blocks {sorted(damaged)} of {damage['model']}'s {damage['num_blocks']} re-initialised (seed "
              f"{damage['seed']}); a uniform draw gives them {len(damaged) / damage['num_blocks']:.3f} of the block "
              f"updates.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lisa = runs.get("lisa", {})
+    uniform = runs.get("uniform", {})
     for label, by_seed in runs.items():
         seeds = sorted(by_seed)
         cells = [label, str(len(seeds)), _spread([by_seed[s]["share"] for s in seeds])]
         cells += [_spread([by_seed[s]["val_loss"][n] for s in seeds]) for n in checkpoints]
         cells += [_spread([by_seed[s]["final_val_loss"] for s in seeds]), _spread([by_seed[s]["score"] for s in seeds])]
-        paired = [by_seed[s]["score"] - lisa[s]["score"] for s in seeds if s in lisa]
-        cells.append(_spread(paired, signed=True) if label != "lisa" and paired else "–")
+        paired = [by_seed[s]["score"] - uniform[s]["score"] for s in seeds if s in uniform]
+        cells.append(_spread(paired, signed=True) if label != "uniform" and paired else "–")
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(table)
