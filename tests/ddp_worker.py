@@ -1,8 +1,7 @@
 """Run by test_ddp.py as its own program, ``python -m tests.ddp_worker <strategy>`` from the
 repository root: Lightning's DDP launcher starts a second process with the same command line. Asserts on every step that both ranks train the same blocks with the same
-importance, and at the end that their weights agree. Prints what DDP's gradient buckets hold
-against what a step trains (DDP sizes its buckets when it wraps the model, before GRASS freezes
-any block)."""
+importance, and at the end that their weights agree. Prints the most bytes DDP's gradient
+buckets held in a training step against the most a step trained."""
 
 import sys
 
@@ -10,6 +9,7 @@ import torch
 from lightning.pytorch import Callback
 
 from grass_lightning import GrassCallback
+from grass_lightning.lightning.ddp_buckets import bucket_bytes
 from tests.helpers.models import HFModule, quiet_trainer, token_loader
 
 
@@ -20,14 +20,11 @@ class RanksAgree(Callback):
         self.bucket_bytes = 0
         self.trained_bytes = 0
 
-    def on_train_start(self, trainer, pl_module):
-        sizes = trainer.strategy.model._get_ddp_logging_data()["bucket_sizes"]
-        self.bucket_bytes = sum(int(size) for size in sizes.split(","))
-
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if not self.grass.schedule.probing:
             trained = sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.grad is not None)
             self.trained_bytes = max(self.trained_bytes, trained)
+            self.bucket_bytes = max(self.bucket_bytes, bucket_bytes(trainer.strategy))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         schedule = self.grass.schedule

@@ -39,6 +39,7 @@ from grass_lightning.core.config import SETTINGS, GrassConfig
 from grass_lightning.core.offload import check_offload
 from grass_lightning.core.schedule import GrassSchedule
 from grass_lightning.lightning.block_strategies import check_block_strategy
+from grass_lightning.lightning.ddp_buckets import DDPBuckets
 from grass_lightning.lightning.loss_scaling import loss_scaler
 from grass_lightning.lightning.strategy import OffloadingStrategy
 
@@ -90,6 +91,7 @@ class GrassCallback(Callback):
         self._stepped = False
         self._user_max_steps: int | None = None  # the Trainer's, given back when fit ends
         self._lr_before_probe: list[tuple[dict, list[float]]] | None = None
+        self._ddp_buckets = DDPBuckets()  # per fit: Lightning wraps the model anew at each
         self.last_step = ""  # what the last step did, for a progress bar: "probe" or the blocks, "3,17"
 
     @property
@@ -160,6 +162,8 @@ class GrassCallback(Callback):
         if self._saved_state is not None:
             self.schedule.load_state_dict(self._saved_state)
         self.schedule.start()
+        self._ddp_buckets = DDPBuckets()
+        self._ddp_buckets.fit(trainer.strategy)
         self._lr_before_probe = None
 
     @override
@@ -191,6 +195,7 @@ class GrassCallback(Callback):
         if probing:
             self._hold_lr(trainer)
         self.schedule.end_step()
+        self._ddp_buckets.fit(trainer.strategy)  # buckets for the next step's trainable set
         self.last_step = "probe" if probing else ",".join(map(str, trained))
         self._log(pl_module, probing, trained)
 
