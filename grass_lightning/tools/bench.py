@@ -46,11 +46,11 @@ ROWS = {  # the bench's rows: overrides of the Hydra config (conf/method), and w
     "lisa": (["method=lisa"], "grass_lightning, LMFlow's rule"),
     "grass-uniform": (["method=grass", "method.sampler=uniform"], "grass_lightning"),
     "grass": (["method=grass"], "grass_lightning"),
-    "grass+recompute": (["method=grass", "method.recompute=idle"], "grass_lightning"),
+    "grass+recompute-probe": (["method=grass", "method.recompute=probe"], "grass_lightning"),
+    "grass+recompute-idle": (["method=grass", "method.recompute=idle"], "grass_lightning"),
     "grass+park": (["method=grass", "method.offload=park", "method.idle_moments=keep"], "grass_lightning"),
     "grass+stream": (["method=grass", "method.offload=stream"], "grass_lightning"),
 }
-DEFAULT_ROWS = ("full", "lora", "badam", "lisa", "grass", "grass+recompute", "grass+park", "grass+stream")
 
 
 class _NextToken:
@@ -263,7 +263,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="a config in conf/model (a causal LM)")
-    parser.add_argument("--methods", default=",".join(DEFAULT_ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--methods", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches of --batch-size per optimizer step")
