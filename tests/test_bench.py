@@ -29,7 +29,7 @@ def test_bench_runs_every_row_and_writes_table_json_and_plot(tmp_path):
                                              if v is not None) for r in rows.values())
     assert rows["lisa"]["trainable_params"] < rows["full"]["trainable_params"]
     assert rows["full"]["backward_blocks"] == 4 and rows["lisa"]["backward_blocks"] == 4  # LISA trains the embeddings
-    assert all(rows[m]["deep_backward_blocks"] == 4 for m in ("badam", "grass", "grass-uniform", "grass+recompute-idle"))
+    assert all(rows[m]["deep_backward_blocks"] == 4 for m in ("badam", "grass", "grass-uniform", "grass+recompute-none"))
     assert rows["badam"]["trainable_params"] < rows["grass"]["trainable_params"]  # one block, no head
     assert rows["grass+stream"]["optimizer_state_mb"] < rows["grass"]["optimizer_state_mb"]
     table = (tmp_path / "bench.md").read_text()

@@ -10,15 +10,20 @@ package's ``BlockOptimizer``; LoRA is peft. ``lisa`` is LISA as published (LMFlo
 by our GrassCallback, as the table's implementation column says. Batches are random tokens:
 what a step costs does not depend on their values.
 
-A row's steps: GRASS's probe steps, 2 warm-up steps, ``--steps`` timed steps, then for a
-layer-wise method ``--deep-steps`` steps whose active set is forced to include the lowest block
-(backward then runs through every block: the deepest draw a run can make). Reported: the median
-time of the timed steps (probe steps apart); peak memory per step (CUDA's peak allocated on a
-GPU, the process's peak resident set on CPU, reset before each step), as the median of the timed
-steps, the most of the probe steps and of the deep steps, and the whole-run peak (the most of
-every step); the mean number of blocks backward runs through; the most optimizer-state bytes on
-the training device after a step; the most parameters trained in one step; each as a ratio to
-full fine-tuning. Writes ``bench.json``, ``bench.md`` and ``bench.png`` into ``--out``.
+A row's steps: GRASS's probe steps, 2 warm-up steps, ``--steps`` timed steps, ``--memory-steps``
+steps whose peak memory is taken one by one, then for a layer-wise method ``--deep-steps`` steps
+whose active set is forced to include the lowest block (backward then runs through every block:
+the deepest draw a run can make). Peak memory is CUDA's peak allocated on a GPU, the process's
+peak resident set on CPU. A step's own peak on CPU needs the freed heap handed back to the OS
+first (``malloc_trim``), and the page faults that follow slow the next step by up to a tenth, so
+the timed steps are never reset: their time is the median of their own, and their memory the
+most since the probe ended.
+
+Reported: the median time of the timed steps (probe steps apart); the peak of the median
+memory step, the most of the probe steps and of the deep steps, and the whole-run peak (the
+most of every step); the mean number of blocks backward runs through; the most optimizer-state
+bytes on the training device after a step; the most parameters trained in one step; each as a
+ratio to full fine-tuning. Writes ``bench.json``, ``bench.md`` and ``bench.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ ROWS = {  # the bench's rows: overrides of the Hydra config (conf/method), and w
     "grass-uniform": (["method=grass", "method.sampler=uniform"], "grass_lightning"),
     "grass": (["method=grass"], "grass_lightning"),
     "grass+recompute-probe": (["method=grass", "method.recompute=probe"], "grass_lightning"),
-    "grass+recompute-idle": (["method=grass", "method.recompute=idle"], "grass_lightning"),
+    "grass+recompute-none": (["method=grass", "method.recompute=none"], "grass_lightning"),
     "grass+park": (["method=grass", "method.offload=park", "method.idle_moments=keep"], "grass_lightning"),
     "grass+stream": (["method=grass", "method.offload=stream"], "grass_lightning"),
 }
@@ -66,15 +71,17 @@ class _NextToken:
 
 
 class _Footprint(Callback):
-    """Per optimizer step: its peak memory (reset before it starts), how many blocks backward
-    runs through (from the lowest block taking a gradient up; all of them when the embeddings
-    train); the most optimizer-state bytes on the training device after a step; and from step
+    """Per optimizer step: its peak memory since the last reset, how many blocks backward runs
+    through (from the lowest block taking a gradient up; all of them when the embeddings train);
+    the most optimizer-state bytes on the training device after a step; and from step
     ``deep_from`` on, an active set forced to include the lowest block.
 
-    Put it before `RunStats` in the callbacks, so that the reset is not timed."""
+    Peaks are reset when training starts, at step ``probe`` (the probe's end) and before every
+    step from ``reset_from`` on. Put it before `RunStats` in the callbacks, so a reset is not timed."""
 
-    def __init__(self, layout, deep_from: int | None) -> None:
+    def __init__(self, layout, probe: int, reset_from: int, deep_from: int | None) -> None:
         self.layout, self.deep_from = layout, deep_from
+        self._resets = lambda index: index in (0, probe) or index >= reset_from
         self.most = 0
         self.start_mb: float | None = None
         self.peaks: list[float] = []
@@ -88,7 +95,8 @@ class _Footprint(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self._open:  # the first micro-batch of a step
-            reset_peak_memory(pl_module.device, release_cache=False)
+            if self._resets(len(self.peaks)):
+                reset_peak_memory(pl_module.device, release_cache=False)
             self._open = True
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -104,8 +112,9 @@ class _Footprint(Callback):
             return  # a micro-batch within a step
         self._steps, self._open = trainer.global_step, False
         self.peaks.append(peak_memory_mb(pl_module.device))
-        held = sum(t.untyped_storage().nbytes() for opt in trainer.optimizers for state in opt.state.values()
-                   for t in state.values() if torch.is_tensor(t) and t.dim() > 0 and t.device == pl_module.device)
+        states = [getattr(opt, "base_optimizer", opt).state for opt in trainer.optimizers]  # BAdam's wraps AdamW
+        held = sum(t.untyped_storage().nbytes() for state in states for param_state in state.values()
+                   for t in param_state.values() if torch.is_tensor(t) and t.dim() > 0 and t.device == pl_module.device)
         self.most = max(self.most, held)
         if self.deep_from is not None and len(self.peaks) >= self.deep_from:
             _force_lowest_block(trainer)
@@ -158,34 +167,36 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     model = built.prepare(model, spec.kind)
     optim = OptimConfig(lr=built.lr, warmup_steps=0, lr_schedule="constant", accumulate_grad_batches=args.accumulate)
     module = GrassModule(model, _NextToken(), optim, built.wrap_optimizer)
-    steps = skip + args.steps + deep
+    steps = skip + args.steps + args.memory_steps + deep
     vocab = model.get_input_embeddings().num_embeddings
     rows = steps * args.batch_size * args.accumulate
     tokens = torch.randint(0, vocab, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
     stats = RunStats(warmup_steps=skip)
-    state = _Footprint(find_blocks(model), deep_from=skip + args.steps if deep else None)
+    memory_from, deep_from = skip + args.steps, skip + args.steps + args.memory_steps
+    state = _Footprint(find_blocks(model), probe, reset_from=memory_from, deep_from=deep_from if deep else None)
     trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps - probe,
                       strategy=trainer_strategy("auto", built),
                       callbacks=[*built.callbacks, state, stats], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=args.batch_size))
-    timed = slice(skip, skip + args.steps)
+    timed, memory, deeps = slice(skip, memory_from), slice(memory_from, deep_from), slice(deep_from, None)
     return {
         "method": method,
         "implementation": implementation,
         "configuration": _configuration(built),
         "step_time_s": statistics.median(stats.step_times[timed]),
         "probe_step_time_s": statistics.median(stats.step_times[:probe]) if probe else None,
-        "median_step_peak_mb": statistics.median(state.peaks[timed]),
+        "median_step_peak_mb": statistics.median(state.peaks[memory]),
+        "timed_steps_peak_mb": max(state.peaks[timed]),
         "probe_peak_mb": max(state.peaks[:probe]) if probe else None,
-        "deep_step_peak_mb": max(state.peaks[skip + args.steps:]) if deep else None,
+        "deep_step_peak_mb": max(state.peaks[deeps]) if deep else None,
         "whole_run_peak_mb": max(state.peaks),
         "start_memory_mb": state.start_mb,
         "optimizer_state_mb": state.most / 2**20,
         "trainable_params": stats.trainable_params_max,
         "timed_steps": len(stats.step_times[timed]),
         "backward_blocks": statistics.mean(state.depths[timed]),
-        "deep_backward_blocks": statistics.mean(state.depths[skip + args.steps:]) if deep else None,
+        "deep_backward_blocks": statistics.mean(state.depths[deeps]) if deep else None,
         "device": str(module.device),
     }
 
@@ -268,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches of --batch-size per optimizer step")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per method")
+    parser.add_argument("--memory-steps", type=int, default=5,
+                        help="steps after the timed ones whose peak memory is taken one by one (untimed)")
     parser.add_argument("--deep-steps", type=int, default=2,
                         help="layer-wise methods: steps after the timed ones whose active set includes the lowest block")
     parser.add_argument("--sampling-period", type=int, default=5,
@@ -291,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
             import badam  # noqa: F401
         except ImportError:
             parser.error('--methods: badam needs the badam package: pip install "grass-lightning[peers]"')
-    for name in ("batch_size", "seq_len", "accumulate", "steps", "sampling_period"):
+    for name in ("batch_size", "seq_len", "accumulate", "steps", "memory_steps", "sampling_period"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.one:
