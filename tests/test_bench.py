@@ -1,5 +1,6 @@
 """The benchmark entry point end to end on a tiny model: every method in its own process, one table."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,14 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_bench_runs_every_row_and_writes_table_json_and_plot(tmp_path):
-    pytest.importorskip("badam")
+    expected = [m for m in ROWS if m != "badam" or importlib.util.find_spec("badam")]  # BAdam's: the [peers] extra
     command = [sys.executable, "-m", "grass_lightning.bench", "--model", "tiny_llama", "--steps", "2", "--probe-steps", "1",
-               "--batch-size", "2", "--seq-len", "16", "--sampling-period", "2", "--out", str(tmp_path)]
+               "--batch-size", "2", "--seq-len", "16", "--sampling-period", "2", "--methods", ",".join(expected),
+               "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["method"]: r for r in report["rows"]}
-    assert tuple(rows) == tuple(ROWS)
+    assert list(rows) == expected
     assert all(r["step_time_s"] > 0 and r["whole_run_peak_mb"] > 0 and r["timed_steps"] == 2 for r in rows.values())
     assert rows["grass"]["probe_step_time_s"] > 0 and rows["lisa"]["probe_step_time_s"] is None
     assert rows["grass"]["probe_peak_mb"] > 0 and rows["full"]["deep_step_peak_mb"] is None
@@ -29,13 +31,15 @@ def test_bench_runs_every_row_and_writes_table_json_and_plot(tmp_path):
                                              if v is not None) for r in rows.values())
     assert rows["lisa"]["trainable_params"] < rows["full"]["trainable_params"]
     assert rows["full"]["backward_blocks"] == 4 and rows["lisa"]["backward_blocks"] == 4  # LISA trains the embeddings
-    assert all(rows[m]["deep_backward_blocks"] == 4 for m in ("badam", "grass", "grass-uniform", "grass+recompute-none"))
-    assert rows["badam"]["trainable_params"] < rows["grass"]["trainable_params"]  # one block, no head
+    assert all(rows[m]["deep_backward_blocks"] == 4 for m in ("grass", "grass-uniform", "grass+recompute-none"))
     assert rows["grass+stream"]["optimizer_state_mb"] < rows["grass"]["optimizer_state_mb"]
     table = (tmp_path / "bench.md").read_text()
-    assert all(f"| {m} |" in table for m in ROWS) and "(1.00×)" in table
-    assert "| badam | badam BlockOptimizer | 1 block, switched every 2 steps, random order" in table
+    assert all(f"| {m} |" in table for m in expected) and "(1.00×)" in table
     assert "| lisa | grass_lightning, LMFlow's rule | γ=2, period 2, sampler uniform, 0 probe steps, embeddings + head" in table
+    if "badam" in rows:
+        assert rows["badam"]["deep_backward_blocks"] == 4 and rows["badam"]["optimizer_state_mb"] > 0
+        assert rows["badam"]["trainable_params"] < rows["grass"]["trainable_params"]  # one block, no head
+        assert "| badam | badam BlockOptimizer | 1 block, switched every 2 steps, random order" in table
 
 
 @pytest.mark.slow

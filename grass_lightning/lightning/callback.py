@@ -12,7 +12,9 @@ backward, one pass at a time); ``on_before_optimizer_step`` (gradients complete,
 and unscaled) records importance; ``on_train_batch_end`` (after the optimizer step) refreshes
 importance, draws the next active set and logs. Works under automatic and manual optimization.
 The schedule (and under an offloading strategy, :mod:`grass_lightning.lightning.strategy`, its
-moment offloader) lives from ``on_train_start`` to ``on_train_end``.
+moment offloader) lives from ``on_train_start`` to ``on_train_end``. Under DDP the model is
+re-wrapped whenever the trainable set changes, so gradient buckets hold only what trains
+(:mod:`grass_lightning.lightning.ddp_buckets`).
 
 Probe steps are optimizer steps to Lightning (``global_step`` counts them) but not updates: the
 callback extends ``max_steps`` by ``probe_steps`` for the fit, so ``max_steps`` counts updates
