@@ -73,7 +73,7 @@ def test_badam_trains_one_block_at_a_time_by_its_own_optimizer(tmp_path, mode):
 
 def test_badam_settings_are_checked_before_any_model_loads(tmp_path):
     pytest.importorskip("badam")
-    with pytest.raises(ValueError, match=r"method\.switch_mode='fixed' is not one of random, ascending, descending"):
+    with pytest.raises(ValueError, match=r"method\.switch_mode='fixed' is not one of 'random', 'ascending', 'descending'"):
         _built(tmp_path, "method=badam", "method.switch_mode=fixed")
     with pytest.raises(ValueError, match=r"method\.switch_block_every=0 must be an integer >= 1"):
         _built(tmp_path, "method=badam", "method.switch_block_every=0")

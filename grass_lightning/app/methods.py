@@ -23,7 +23,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from grass_lightning.core.blocks import find_blocks
-from grass_lightning.core.config import SETTINGS
+from grass_lightning.core.config import SETTINGS, require_choice, require_int
 from grass_lightning.core.offload import check_offload
 from grass_lightning.lightning.callback import GrassCallback
 
@@ -71,8 +71,7 @@ class Lora(Method):
     def __init__(self, name: str, lr: float, r: int, alpha: float, dropout: float, target_modules: str | list[str],
                  offload: str = "none", seed: int | None = None) -> None:
         super().__init__(name, lr, offload, seed)
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r={r!r} must be an integer >= 1.")
+        require_int("r", r, minimum=1)
         self.lora = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
 
     def prepare(self, model: nn.Module, kind: str) -> nn.Module:
@@ -114,10 +113,8 @@ class Badam(Method):
                  include_embedding: bool = False, include_lm_head: bool = False, blocks: str | None = None,
                  offload: str = "none", seed: int | None = None) -> None:
         super().__init__(name, lr, offload, seed)
-        if isinstance(switch_block_every, bool) or not isinstance(switch_block_every, int) or switch_block_every < 1:
-            raise ValueError(f"switch_block_every={switch_block_every!r} must be an integer >= 1.")
-        if switch_mode not in BADAM_SWITCH_MODES:
-            raise ValueError(f"switch_mode={switch_mode!r} is not one of {', '.join(BADAM_SWITCH_MODES)}.")
+        require_int("switch_block_every", switch_block_every, minimum=1)
+        require_choice("switch_mode", switch_mode, BADAM_SWITCH_MODES)
         try:
             import badam  # noqa: F401
         except ImportError:

@@ -88,9 +88,9 @@ class GrassConfig:
         if self.probe_steps is None:
             object.__setattr__(self, "probe_steps", 0 if self.sampler == "uniform" else 10)
         for name in ("num_active", "sampling_period", "refresh_interval"):
-            _require_int(name, getattr(self, name), minimum=1)
-        _require_int("probe_steps", self.probe_steps, minimum=0)
-        _require_int("reprobe_steps", self.reprobe_steps, minimum=0)
+            require_int(name, getattr(self, name), minimum=1)
+        require_int("probe_steps", self.probe_steps, minimum=0)
+        require_int("reprobe_steps", self.reprobe_steps, minimum=0)
         if self.reprobe_steps > self.refresh_interval:
             raise ValueError(
                 f"reprobe_steps={self.reprobe_steps} exceeds refresh_interval={self.refresh_interval}: the "
@@ -105,10 +105,10 @@ class GrassConfig:
             raise ValueError(f"temperature={self.temperature!r} must be a finite number > 0.")
         if not _is_number(self.ema) or not 0 < self.ema <= 1:
             raise ValueError(f"ema={self.ema!r} must lie in (0, 1]: the weight of the newest window.")
-        _require_choice("sampler", self.sampler, SAMPLERS)
-        _require_choice("normalization", self.normalization, NORMALIZATIONS)
-        _require_choice("idle_moments", self.idle_moments, IDLE_MOMENTS)
-        _require_choice("recompute", self.recompute, RECOMPUTE)
+        require_choice("sampler", self.sampler, SAMPLERS)
+        require_choice("normalization", self.normalization, NORMALIZATIONS)
+        require_choice("idle_moments", self.idle_moments, IDLE_MOMENTS)
+        require_choice("recompute", self.recompute, RECOMPUTE)
         for name in ("train_embeddings", "train_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")
@@ -138,11 +138,13 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _require_int(name: str, value, minimum: int) -> None:
+def require_int(name: str, value, minimum: int) -> None:
+    """Raise ``ValueError("<name>=<value> must be an integer >= <minimum>.")`` unless it is one."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
 
 
-def _require_choice(name: str, value, choices: tuple[str, ...]) -> None:
+def require_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError("<name>=<value> is not one of ...")`` unless ``value`` is in ``choices``."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.")

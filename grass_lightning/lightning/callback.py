@@ -93,7 +93,7 @@ class GrassCallback(Callback):
         self._stepped = False
         self._user_max_steps: int | None = None  # the Trainer's, given back when fit ends
         self._lr_before_probe: list[tuple[dict, list[float]]] | None = None
-        self._ddp_buckets = DDPBuckets()  # per fit: Lightning wraps the model anew at each
+        self._ddp_buckets = DDPBuckets()
         self.last_step = ""  # what the last step did, for a progress bar: "probe" or the blocks, "3,17"
 
     @property
@@ -164,7 +164,6 @@ class GrassCallback(Callback):
         if self._saved_state is not None:
             self.schedule.load_state_dict(self._saved_state)
         self.schedule.start()
-        self._ddp_buckets = DDPBuckets()
         self._ddp_buckets.fit(trainer.strategy)
         self._lr_before_probe = None
 

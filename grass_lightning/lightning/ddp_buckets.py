@@ -17,10 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 class DDPBuckets:
-    """Re-wraps ``strategy``'s model when the parameters requiring gradients change."""
+    """Re-wraps ``strategy``'s model when the parameters requiring gradients change.
+
+    A wrapper it did not make (Lightning's, at each fit) was built for whatever required
+    gradients then, so it is replaced at the first call."""
 
     def __init__(self) -> None:
-        self._wrapped_for: frozenset[int] | None = None
+        self._wrapper: DistributedDataParallel | None = None
+        self._wrapped_for: frozenset[int] = frozenset()
 
     def fit(self, strategy: Strategy) -> bool:
         """Re-wrap if the trainable set changed since the last wrap; whether it did."""
@@ -28,17 +32,9 @@ class DDPBuckets:
             return False
         module = strategy.lightning_module
         trainable = frozenset(id(p) for p in module.parameters() if p.requires_grad)
-        if trainable == self._wrapped_for:
+        if strategy.model is self._wrapper and trainable == self._wrapped_for:
             return False
         strategy.model = module  # unwrapped: configure_ddp wraps a LightningModule
         strategy.configure_ddp()
-        self._wrapped_for = trainable
+        self._wrapper, self._wrapped_for = strategy.model, trainable
         return True
-
-
-def bucket_bytes(strategy: Strategy) -> int:
-    """Bytes in DDP's gradient buckets (0 when the model is not DDP-wrapped)."""
-    if not isinstance(strategy.model, DistributedDataParallel):
-        return 0
-    sizes = strategy.model._get_ddp_logging_data().get("bucket_sizes", "")
-    return sum(int(size) for size in str(sizes).split(",") if size)

@@ -151,10 +151,10 @@ def measure(method: str, args: argparse.Namespace) -> dict:
         overrides.append(f"method.switch_block_every={args.sampling_period}")
     elif method not in ("full", "lora"):
         overrides.append(f"method.sampling_period={args.sampling_period}")
-        if args.probe_steps is not None and method != "lisa" and "method.sampler=uniform" not in overrides:
-            overrides.append(f"method.probe_steps={args.probe_steps}")
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
+    if args.probe_steps is not None and cfg.method.get("sampler", "uniform") != "uniform":  # rows that probe
+        cfg.method.probe_steps = args.probe_steps
     built = build_method(cfg.method, seed=0)
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     if spec.kind != "causal_lm":
