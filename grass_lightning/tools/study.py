@@ -53,6 +53,11 @@ VARIANTS = {  # label: overrides; every block method with the same period, refre
 }
 
 
+def _variant_overrides(label: str, period: int) -> list[str]:
+    """A variant's overrides; those that read importance probe ``period`` steps first."""
+    return VARIANTS[label] + ([] if label == "uniform" else [f"method.probe_steps={period}"])
+
+
 def reinitialise(block: nn.Module, std: float, generator: torch.Generator) -> None:
     """Give ``block`` fresh weights as a model is initialised before pre-training: linear and
     embedding weights from normal(0, std), norm weights 1, biases 0."""
@@ -120,14 +125,14 @@ def run_all(args: argparse.Namespace) -> None:
         "+trainer.enable_checkpointing=false", "trainer.log_every_n_steps=1", "export=false",
         "test_before=false", *args.overrides,
     ]
-    for label, method in VARIANTS.items():
-        probe = [] if label == "uniform" else [f"method.probe_steps={args.period}"]
+    for label in VARIANTS:
+        method = _variant_overrides(label, args.period)
         for seed in range(args.seeds):
             run_dir = args.out / label / f"seed{seed}"
             if (run_dir / "metrics.json").is_file():
                 continue
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfg = compose("train", overrides=[*common, *method, *probe, f"seed={seed}", f"paths.output_dir={run_dir}"])
+                cfg = compose("train", overrides=[*common, *method, f"seed={seed}", f"paths.output_dir={run_dir}"])
             print(f"damaged study: {label} seed {seed}", flush=True)
             train(cfg)[1].release()
 
@@ -142,11 +147,10 @@ def run_commonsense(args: argparse.Namespace) -> None:
     import sys
 
     for seed in range(args.seeds):
-        for label, method in VARIANTS.items():
-            probe = [] if label == "uniform" else [f"method.probe_steps={args.period}"]
+        for label in VARIANTS:
             common = ["experiment=smollm2_commonsense", f"trainer.max_steps={args.steps}",
                       f"method.sampling_period={args.period}", f"method.refresh_interval={args.period}",
-                      "trainer.enable_progress_bar=false", *method, *probe, f"seed={seed}",
+                      "trainer.enable_progress_bar=false", *_variant_overrides(label, args.period), f"seed={seed}",
                       f"hydra.sweep.dir={args.out / label}", "hydra.sweep.subdir=${data.source}_seed${seed}", *args.overrides]
             todo = [name for name in COMMONSENSE if not (args.out / label / f"{name}_seed{seed}" / "metrics.json").is_file()]
             groups = [[n for n in todo if COMMONSENSE[n] is None]] + [[n] for n in todo if COMMONSENSE[n] is not None]
