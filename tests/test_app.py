@@ -142,6 +142,8 @@ def test_resume_from_a_mid_run_checkpoint_continues_at_the_right_step_with_the_s
         (["optim.max_nonfinite_steps=0"], ValueError, r"optim\.max_nonfinite_steps=0 must be an integer >= 1"),
         (["test_before=maybe"], ValueError, r"test_before='maybe' must be true or false"),
         (["method=lisa", "method.probe_steps=4"], ValueError, r"method\.sampler='uniform' with probe_steps=4: .* probe_steps=0"),
+        (["trainer.precision=16-true"], ValueError, r"trainer\.precision='16-true' with method=grass: float16 .*bf16-true"),
+        (["method.master_weights=maybe"], ValueError, r"method\.master_weights='maybe' must be True or False"),
     ],
 )
 def test_bad_overrides_fail_before_any_model_is_loaded(tmp_path, monkeypatch, overrides, error, message):
@@ -415,3 +417,23 @@ def test_chat_data_for_a_tokenizer_without_a_chat_template_fails_before_any_weig
     chat = CONF.parent / "examples" / "chat.jsonl"
     with pytest.raises(ValueError, match=r"data\.path='.*chat\.jsonl': Chat data needs a tokenizer with a chat template"):
         run.train(compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={chat}"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "model", "data"), [
+    ("grass", "tiny_llama", "choice"), ("grass", "tiny_llama", "prompt"), ("grass", "tiny_bert", "classification"),
+    ("lisa", "tiny_llama", "choice"), ("full", "tiny_llama", "choice")])
+def test_bf16_true_loads_bf16_weights_trains_scores_and_generates(tmp_path, data_files, monkeypatch, method, model, data):
+    """trainer.precision=bf16-true: the model is created in bf16 (no fp32 copy), and training,
+    multiple-choice scoring (which crashed with a dtype mismatch), generation and the classifier
+    all run; block methods train through fp32 masters, LISA as LMFlow runs it (pure bf16) without."""
+    loaded = []
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1])
+    cfg = compose_run(tmp_path, f"model={model}", "data=jsonl", f"data.path={data_files[data]}", f"method={method}",
+                      "trainer.precision=bf16-true", *(["method.probe_steps=1"] if method == "grass" else []))
+    metrics, objects = run.train(cfg)
+    assert {p.dtype for p in loaded[0][0].parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in objects.module.parameters()} == {torch.bfloat16}
+    assert math.isfinite(metrics["score"]) and metrics["updates"] == 4
+    state = objects.trainer.optimizers[0].state_dict()["state"]
+    assert any("master" in s for s in state.values()) == (method == "grass")

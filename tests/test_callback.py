@@ -134,8 +134,8 @@ def test_probe_with_accumulation_holds_no_gradients_and_updates_nothing():
 
 
 class ManualModule(HFModule):
-    def __init__(self):
-        super().__init__("llama")
+    def __init__(self, lr: float = 1e-2):
+        super().__init__("llama", lr)
         self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
@@ -248,7 +248,7 @@ def test_the_grass_bar_says_probe_while_probing():
 
 
 def _run_grass(tmp_path, max_steps, ckpt_path=None, checkpoints=False, strategy="auto", idle_moments="drop",
-               callbacks=()):
+               callbacks=(), precision="32-true"):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     grass = GrassCallback(num_active=2, sampling_period=3, refresh_interval=2, probe_steps=2, seed=0,
@@ -258,7 +258,7 @@ def _run_grass(tmp_path, max_steps, ckpt_path=None, checkpoints=False, strategy=
         callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1))
     module = HFModule("llama")
     trainer = quiet_trainer(max_steps=max_steps, max_epochs=-1, callbacks=callbacks, strategy=strategy,
-                            enable_checkpointing=checkpoints)
+                            enable_checkpointing=checkpoints, precision=precision)
     trainer.fit(module, token_loader(n_batches=4), ckpt_path=ckpt_path)
     return module, trainer, grass
 
@@ -267,15 +267,22 @@ OFFLOAD_RUNS = [("auto", "drop"), ("auto", "keep"), ("grass_offload", "keep"), (
                 ("grass_offload_stream", "drop")]
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
 @pytest.mark.parametrize(("strategy", "idle_moments"), OFFLOAD_RUNS, ids=["-".join(r) for r in OFFLOAD_RUNS])
-def test_resume_from_a_mid_period_checkpoint_continues_exactly(tmp_path, strategy, idle_moments):
+def test_resume_from_a_mid_period_checkpoint_continues_exactly(tmp_path, strategy, idle_moments, precision):
     """12 updates (14 steps with the probe's 2) in one go equal 4 steps + ModelCheckpoint + resume
-    (a draw every 3 steps)."""
+    (a draw every 3 steps); in bf16-true, fp32 masters and moments included (Lightning's restore
+    would cast them to bf16)."""
     full, full_trainer, full_grass = _run_grass(tmp_path, 12, checkpoints=True, strategy=strategy,
-                                                idle_moments=idle_moments)
+                                                idle_moments=idle_moments, precision=precision)
     (ckpt,) = tmp_path.glob("*step=4.ckpt")
     resumed, resumed_trainer, resumed_grass = _run_grass(tmp_path, 12, ckpt_path=ckpt, strategy=strategy,
-                                                         idle_moments=idle_moments)
+                                                         idle_moments=idle_moments, precision=precision)
+    if precision == "bf16-true":
+        state = resumed_trainer.optimizers[0].state_dict()["state"]
+        assert any("master" in s for s in state.values())
+        assert {t.dtype for s in state.values() for k, t in s.items() if k != "step"} == {torch.float32}
+        assert {p.dtype for p in resumed.parameters()} == {torch.bfloat16}
     assert resumed_trainer.global_step == full_trainer.global_step == 14
     a, b = full_grass.state_dict(), resumed_grass.state_dict()
     assert a["history"] == b["history"] and len(a["history"]) == 5
@@ -464,3 +471,53 @@ def test_gradient_checkpointing_trains_the_same_blocks_to_the_same_weights_and_t
     assert spy.steps[1]["estimate"].isfinite().all()  # the probe measured all four blocks
     for p, q in zip(plain.parameters(), checkpointed.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+class _Start(Callback):
+    """The weights at fit start (after Lightning's bf16-true conversion), for counting what moved."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def _moved_share_of_trained_blocks(module, start, history):
+    trained = {b for _, active in history for b in active}
+    moved = total = 0
+    for n, p in module.named_parameters():
+        if n.startswith("model.model.layers.") and int(n.split(".")[3]) in trained:
+            moved += int((p.detach().bfloat16() != start[n].bfloat16()).sum())
+            total += p.numel()
+    return moved / total
+
+
+@pytest.mark.parametrize("module_class", [HFModule, ManualModule], ids=["automatic", "manual"])
+def test_bf16_true_trains_the_active_blocks_through_fp32_masters(module_class):
+    """Trainer(precision="bf16-true") with the user's own module: weights stay bf16, trained
+    parameters get fp32 masters and moments, and about as many bf16 weights move at lr 5e-5 as
+    in fp32 training; master_weights=False (pure bf16, LISA as LMFlow runs it) moves far fewer."""
+    shares = {}
+    for precision, masters in (("32-true", True), ("bf16-true", True), ("bf16-true", False)):
+        grass = GrassCallback(num_active=2, sampling_period=100, probe_steps=2, seed=0, master_weights=masters)
+        start = _Start()
+        module = module_class(lr=5e-5)
+        trainer = quiet_trainer(max_steps=10, precision=precision, callbacks=[grass, start])
+        trainer.fit(module, token_loader())
+        shares[precision, masters] = _moved_share_of_trained_blocks(module, start.weights, grass.state_dict()["history"])
+        if precision == "bf16-true":
+            assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+            state = trainer.optimizers[0].state
+            keys = {k for s in state.values() for k in s}
+            assert ("master" in keys) == masters
+            assert {t.dtype for s in state.values() for k, t in s.items() if k != "step"} == (
+                {torch.float32} if masters else {torch.bfloat16})
+    assert shares["bf16-true", True] >= 0.9 * shares["32-true", True]
+    assert shares["bf16-true", False] < 0.7 * shares["32-true", True]
+
+
+def test_float16_weights_are_refused_with_what_to_use_instead():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    module = HFModule()
+    with pytest.raises(MisconfigurationException, match=r"float16 weights .*16-true.*loss scaling.*bf16-true"):
+        quiet_trainer(max_steps=2, precision="16-true", callbacks=[GrassCallback(probe_steps=1)]).fit(module, token_loader())
+    assert _installed(module)[:2] == ([], [])

@@ -106,6 +106,8 @@ def test_a_bad_export_setting_fails_before_any_model_is_loaded(tmp_path, monkeyp
         run.train(compose_run(tmp_path, "export_lora=both"))
     with pytest.raises(ValueError, match=r"export='yes' must be true or false"):
         run.train(compose_run(tmp_path, "export=yes"))
+    with pytest.raises(ValueError, match=r"export_dtype='float64' is not one of \(None, 'float32'\)"):
+        run.train(compose_run(tmp_path, "export_dtype=float64"))
 
 
 def test_after_fit_with_grass_callback_save_pretrained_gives_back_the_model_as_trained(tmp_path):
@@ -118,3 +120,20 @@ def test_after_fit_with_grass_callback_save_pretrained_gives_back_the_model_as_t
     module.model.save_pretrained(tmp_path / "mine")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mine")
     assert torch.allclose(_logits(loaded), _logits(module.model), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_bf16_run_writes_bf16_weights_and_export_dtype_float32_widens_them(tmp_path, data_files):
+    cfg = compose_run(tmp_path / "run", "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
+                      "trainer.precision=bf16-true", *TRAIN_A_LITTLE)
+    _train_like_train_py(cfg, tmp_path / "run")
+    held = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", dtype="auto")
+    assert {p.dtype for p in held.parameters()} == {torch.bfloat16}
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    main([str(checkpoint), str(tmp_path / "same")])  # rebuilt in the run's dtype: the same bf16 values
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "same", dtype="auto")
+    assert all(torch.equal(p, q) for p, q in zip(held.parameters(), again.parameters()))
+    main([str(checkpoint), str(tmp_path / "wide"), "export_dtype=float32"])
+    wide = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "wide", dtype="auto")
+    assert {p.dtype for p in wide.parameters()} == {torch.float32}
+    assert all(torch.equal(p.bfloat16(), q) for p, q in zip(wide.parameters(), held.parameters()))

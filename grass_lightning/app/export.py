@@ -10,12 +10,15 @@ it). From any checkpoint that ``train.py`` wrote::
 The model is rebuilt from the run's ``.hydra/config.yaml`` (found beside the checkpoints' folder,
 or given by ``--config``; ``key=value`` arguments override it) with random weights that the
 checkpoint's then replace: no weights come from the hub. A LoRA model is written merged into its
-base (a plain model) by default; ``export_lora=adapter`` writes the peft adapter alone.
+base (a plain model) by default; ``export_lora=adapter`` writes the peft adapter alone. Weights
+are written in the dtype the run held them in (bf16 under ``trainer.precision=bf16-true``);
+``export_dtype=float32`` widens them.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,31 +28,39 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 EXPORT_LORA = ("merged", "adapter")
+EXPORT_DTYPES = (None, "float32")
 
 
 def export_model(model: nn.Module, tokenizer, out_dir: str | Path, lora: str = "merged",
-                 labels: tuple[str, ...] | None = None) -> Path:
+                 labels: tuple[str, ...] | None = None, dtype: str | None = None) -> Path:
     """Write ``model`` (a Hugging Face model, or a peft one) and ``tokenizer`` to ``out_dir``.
 
     A peft model is merged into a copy of its base (``lora="merged"``; the trained module keeps
     its adapters) or saved as its adapter (``"adapter"``). A classifier's ``labels`` become its
-    ``id2label``. Written to a temporary folder beside ``out_dir`` and renamed over it, so a
-    crash never leaves a half-written folder under the real name.
+    ``id2label``. Weights are written in the dtype the model holds (bf16 after a ``bf16-true``
+    run), or in ``dtype="float32"``. Written to a temporary folder beside ``out_dir`` and renamed
+    over it, so a crash never leaves a half-written folder under the real name.
     """
+    check_export_dtype(dtype)
     if lora not in EXPORT_LORA:
         raise ValueError(f"export_lora={lora!r} is not one of {EXPORT_LORA}.")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload") and lora == "merged":
-        import copy
-
         model = copy.deepcopy(model).merge_and_unload()
     if labels is not None and hasattr(model, "config"):
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {label: i for i, label in enumerate(labels)}
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
-        model.save_pretrained(staging)
+        if dtype is None:
+            model.save_pretrained(staging)
+        else:  # a widened copy of each tensor; the model itself stays as it is
+            wide = getattr(torch, dtype)
+            model.save_pretrained(staging, state_dict={k: v.to(wide) for k, v in model.state_dict().items()})
+            config = copy.deepcopy(model.config)
+            config.dtype = wide  # save_pretrained wrote the dtype the model holds
+            config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -58,6 +69,11 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path, lora: str = "
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     return out_dir
+
+
+def check_export_dtype(dtype: str | None) -> None:
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export_dtype={dtype!r} is not one of {EXPORT_DTYPES}: null writes the dtype the run held.")
 
 
 def run_config(checkpoint: Path, config: Path | None, overrides: list[str]) -> DictConfig:
@@ -80,7 +96,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: str |
                       overrides: list[str] | None = None) -> Path:
     """Rebuild the run's model, load ``checkpoint``'s weights into it, and export it to ``out_dir``."""
     from grass_lightning.app.methods import build_method
-    from grass_lightning.app.models import ModelSpec, load_tokenizer, resolve_model_path, untrained_model
+    from grass_lightning.app.models import ModelSpec, load_tokenizer, resolve_model_path, untrained_model, weight_dtype
     from grass_lightning.app.run import _check_checkpoint, _read_records
 
     checkpoint = Path(checkpoint)
@@ -93,12 +109,14 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: str |
     if spec.kind == "classification":
         labels = _read_records(cfg.data.records)[0].choices
     method = build_method(cfg.method, seed=cfg.seed)
-    model = method.prepare(untrained_model(spec, path, len(labels) if labels else None), spec.kind)
+    dtype = weight_dtype(cfg.trainer.get("precision"))  # the checkpoint's weights: bf16 after a bf16-true run
+    model = method.prepare(untrained_model(spec, path, len(labels) if labels else None, dtype), spec.kind)
     module = nn.ModuleDict({"model": model})  # the keys GrassModule's checkpoints use
     _check_checkpoint(str(checkpoint), {key: tuple(t.shape) for key, t in module.state_dict().items()})
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
-    return export_model(model, load_tokenizer(spec, path), out_dir, cfg.get("export_lora", "merged"), labels)
+    return export_model(model, load_tokenizer(spec, path), out_dir, cfg.get("export_lora", "merged"), labels,
+                        cfg.get("export_dtype"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from grass_lightning.app.assets import package_dir
@@ -120,19 +121,22 @@ def _blueprint(spec: ModelSpec, path: str | None, num_labels: int | None):
 def model_skeleton(spec: ModelSpec, path: str | None, num_labels: int | None = None) -> nn.Module:
     """The model's modules on the meta device: its blocks and weight shapes without its weights,
     so settings that depend on the model are checked in milliseconds, before loading."""
-    import torch
-
     auto, config = _blueprint(spec, path, num_labels)
     with torch.device("meta"):
         return auto.from_config(config)
 
 
 def load_model(spec: ModelSpec, path: str | None, num_labels: int | None = None,
-               tokenizer=None) -> tuple[nn.Module, object]:
-    """Model and tokenizer (``tokenizer``, if already loaded), in train mode (transformers 5 loads in eval mode)."""
+               tokenizer=None, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
+    """Model and tokenizer (``tokenizer``, if already loaded), in train mode (transformers 5 loads in eval mode).
+
+    ``dtype`` (e.g. bf16 for ``precision="bf16-true"``): weights are created or read in it, tensor by
+    tensor, so no fp32 copy of the whole model ever exists; None keeps fp32."""
     auto, config = _blueprint(spec, path, num_labels)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec, path)
-    model = auto.from_config(config) if spec.source == "random" else auto.from_pretrained(path, config=config)
+    dtype = dtype or torch.float32
+    model = (auto.from_config(config, dtype=dtype) if spec.source == "random"
+             else auto.from_pretrained(path, config=config, dtype=dtype))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if spec.gradient_checkpointing:
@@ -140,14 +144,24 @@ def load_model(spec: ModelSpec, path: str | None, num_labels: int | None = None,
     return model.train(), tokenizer
 
 
-def untrained_model(spec: ModelSpec, path: str | None, num_labels: int | None = None) -> nn.Module:
-    """The model built from its config alone, with fresh weights (for a checkpoint's to replace:
-    nothing is read from the hub but config.json)."""
+def untrained_model(spec: ModelSpec, path: str | None, num_labels: int | None = None,
+                    dtype: torch.dtype | None = None) -> nn.Module:
+    """The model built from its config alone, with fresh weights in ``dtype`` (fp32 if None), for a
+    checkpoint's to replace: nothing is read from the hub but config.json."""
     auto, config = _blueprint(spec, path, num_labels)
-    model = auto.from_config(config)
+    model = auto.from_config(config, dtype=dtype or torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(spec, path).pad_token_id
     return model
+
+
+# Lightning precisions whose weights are half precision: the model loads in that dtype.
+WEIGHT_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16}  # Lightning reads "bf16" as bf16-mixed
+
+
+def weight_dtype(precision) -> torch.dtype | None:
+    """The dtype ``trainer.precision`` holds weights in, or None for fp32 (``32-true``, the mixed ones)."""
+    return WEIGHT_DTYPES.get(str(precision))
 
 
 def load_tokenizer(spec: ModelSpec, path: str | None):

@@ -28,9 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from grass_lightning.app.datamodule import SplitsDataModule
-from grass_lightning.app.export import EXPORT_LORA, export_model
+from grass_lightning.app.export import EXPORT_LORA, check_export_dtype, export_model
 from grass_lightning.app.methods import Method, build_method
-from grass_lightning.app.models import ModelSpec, load_model, load_tokenizer, model_skeleton, resolve_model_path
+from grass_lightning.app.models import (ModelSpec, load_model, load_tokenizer, model_skeleton, resolve_model_path,
+                                        weight_dtype)
 from grass_lightning.app.module import GrassModule, OptimConfig
 from grass_lightning.app.sources import Splits, carve
 from grass_lightning.app.tasks import task_class
@@ -113,7 +114,8 @@ def train(cfg: DictConfig) -> tuple[dict, RunObjects]:
         _report(Path(cfg.paths.output_dir), run, metrics, test_rows)
         if cfg.export:
             labels = getattr(run.task, "labels", None) if run.spec.kind == "classification" else None
-            folder = export_model(module.model, run.tokenizer, Path(cfg.paths.output_dir) / "model", cfg.export_lora, labels)
+            folder = export_model(module.model, run.tokenizer, Path(cfg.paths.output_dir) / "model", cfg.export_lora, labels,
+                                  cfg.export_dtype)
             log.info(f"fine-tuned model (a transformers folder): {folder}")
     return metrics, run
 
@@ -129,10 +131,16 @@ def assemble(cfg: DictConfig) -> RunObjects:
             raise ValueError(f"{key}={cfg[key]!r} must be true or false.")
     if cfg.export_lora not in EXPORT_LORA:
         raise ValueError(f"export_lora={cfg.export_lora!r} is not one of {EXPORT_LORA}.")
+    check_export_dtype(cfg.export_dtype)
     optim = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
     method = build_method(cfg.method, seed=cfg.seed)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["strategy"] = trainer_strategy(trainer_kwargs.get("strategy", "auto"), method)
+    dtype = weight_dtype(trainer_kwargs.get("precision", "32-true"))
+    if dtype == torch.float16 and method.callbacks:
+        raise ValueError(f"trainer.precision='16-true' with method={method.name}: float16 gradients underflow without "
+                         f"loss scaling, which 16-true does not do. Use trainer.precision=bf16-true (bf16 weights, "
+                         f"fp32 masters for the trained blocks) or 16-mixed.")
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     for key in cfg.data:
         if OmegaConf.is_missing(cfg.data, key):
@@ -159,7 +167,7 @@ def assemble(cfg: DictConfig) -> RunObjects:
         raise ValueError(f"data.path={data.get('path')!r}: {error}" if data["source"] == "jsonl" else str(error)) from None
 
     seed_everything(cfg.seed, workers=True)
-    model, _ = load_model(spec, model_path, num_labels=num_labels, tokenizer=tokenizer)
+    model, _ = load_model(spec, model_path, num_labels=num_labels, tokenizer=tokenizer, dtype=dtype)
     module = GrassModule(method.prepare(model, spec.kind), task, optim, method.wrap_optimizer)
     datamodule = SplitsDataModule(splits, task, data["batch_size"], data["eval_batch_size"], seed=cfg.seed)
     stats = RunStats()

@@ -173,7 +173,9 @@ class ChoiceScoring(_CausalLM):
         targets = labels[:, labels.shape[1] - keep + 1:]
         scored = targets != IGNORE
         logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        per_example = torch.full((len(batch["target"]), self.max_choices), -torch.inf, device=logp.device)
+        # fp32 whatever the default dtype (bf16-true makes it bf16 inside Lightning's forward context)
+        per_example = torch.full((len(batch["target"]), self.max_choices), -torch.inf, dtype=torch.float32,
+                                 device=logp.device)
         per_example[batch["example"], batch["choice"]] = (logp * scored).sum(-1)
         return per_example
 

@@ -25,6 +25,10 @@ The paper published no defaults; these are what we recommend and why:
   run, and blocks not drawn early otherwise keep probe-time values); see `GrassSchedule`.
 - ``idle_moments="drop"``: bounded optimizer memory without offloading. ``"keep"`` keeps Adam
   continuity but, on a plain strategy, memory grows toward full fine-tuning.
+- ``master_weights=True``: with half-precision weights (``bf16-true``) the trained parameters
+  get fp32 master weights and fp32 moments, as BAdam's active block does; without them AdamW
+  leaves most small updates below half a bf16 ulp (`grass_lightning.core.masters`). They cost
+  12 bytes per *trained* parameter, a fraction of the model. False is pure bf16, as LMFlow runs LISA.
 - ``recompute="idle"``: memory is why one picks GRASS. Without it a probe step, or any draw
   that includes a low block, holds every block's activations and sets the run's peak (0.72x
   full fine-tuning's on SmolLM2-135M, above BAdam's and LISA's); with it the whole-run peak is
@@ -68,6 +72,8 @@ class GrassConfig:
         recompute: blocks that backward passes through without training them recompute their
             activations instead of holding them: ``"none"``; ``"probe"``, in probe and re-probe
             steps (which train nothing, or only the active set); ``"idle"``, in every step.
+        master_weights: trained half-precision (bf16) parameters step through fp32 master
+            weights and fp32 moments, written back rounded to nearest; no effect on fp32 weights.
     """
 
     num_active: int = 2
@@ -83,6 +89,7 @@ class GrassConfig:
     idle_moments: str = "drop"
     reprobe_steps: int = 0
     recompute: str = "idle"
+    master_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.probe_steps is None:
@@ -109,7 +116,7 @@ class GrassConfig:
         require_choice("normalization", self.normalization, NORMALIZATIONS)
         require_choice("idle_moments", self.idle_moments, IDLE_MOMENTS)
         require_choice("recompute", self.recompute, RECOMPUTE)
-        for name in ("train_embeddings", "train_head"):
+        for name in ("train_embeddings", "train_head", "master_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")
         if self.sampler == "static" and self.probe_steps == 0:

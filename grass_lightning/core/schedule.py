@@ -35,6 +35,7 @@ from grass_lightning.core.active_set import ActiveSet
 from grass_lightning.core.blocks import BlockLayout
 from grass_lightning.core.config import GrassConfig
 from grass_lightning.core.importance import ImportanceEstimate, block_rms
+from grass_lightning.core.masters import HALF, MasterWeights
 from grass_lightning.core.offload import check_offload, make_offloader
 from grass_lightning.core.probe import GradientProbe
 from grass_lightning.core.recompute import BlockRecompute
@@ -56,6 +57,9 @@ class GrassSchedule:
             then holds every block's gradient until the step.
         offload: ``"none"``, or keep block moments in host memory: ``"park"`` (idle blocks') or
             ``"stream"`` (all blocks'), see :mod:`grass_lightning.core.offload`. Needs one optimizer.
+
+    With half-precision blocks and ``config.master_weights``, trained parameters step through
+    fp32 masters (:mod:`grass_lightning.core.masters`), which the offloader moves with the moments.
     """
 
     def __init__(
@@ -81,6 +85,9 @@ class GrassSchedule:
             if self.offloader is not None:
                 self.offloader.close()
             raise
+        # after the offloader: the masters' step hooks must see the gradients its hooks leave
+        half = any(p.dtype in HALF for params in self._blocks for p in params)
+        self.masters = [MasterWeights(opt) for opt in optimizers] if config.master_weights and half else []
         self.recompute = BlockRecompute(layout.blocks) if config.recompute != "none" else None
         self.importance = ImportanceEstimate(len(layout), config.ema)
         self.sampler = BlockSampler(config.num_active, seed)
@@ -157,6 +164,9 @@ class GrassSchedule:
         self.active_set.restore()
         if self.recompute is not None:
             self.recompute.remove()
+        for masters in self.masters:
+            masters.close()
+        self.masters = []
         if self.offloader is not None:
             self.offloader.close()
             self.offloader = None

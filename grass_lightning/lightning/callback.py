@@ -11,6 +11,9 @@ Per optimizer step: ``on_before_backward`` counts backward passes (gradients are
 backward, one pass at a time); ``on_before_optimizer_step`` (gradients complete, accumulated
 and unscaled) records importance; ``on_train_batch_end`` (after the optimizer step) refreshes
 importance, draws the next active set and logs. Works under automatic and manual optimization.
+With bf16 weights (``Trainer(precision="bf16-true")``) the trained parameters step through fp32
+master weights (:mod:`grass_lightning.core.masters`; ``master_weights=False`` opts out), and the
+fp32 state survives Lightning's checkpoint restore, which would otherwise cast it to bf16.
 The schedule (and under an offloading strategy, :mod:`grass_lightning.lightning.strategy`, its
 moment offloader) lives from ``on_train_start`` to ``on_train_end``. Under DDP the model is
 re-wrapped whenever the trainable set changes, so gradient buckets hold only what trains
@@ -38,6 +41,7 @@ from typing_extensions import override
 
 from grass_lightning.core.blocks import BlockLayout, find_blocks
 from grass_lightning.core.config import SETTINGS, GrassConfig
+from grass_lightning.core.masters import HALF, keep_fp32_state
 from grass_lightning.core.offload import check_offload
 from grass_lightning.core.schedule import GrassSchedule
 from grass_lightning.lightning.block_strategies import check_block_strategy
@@ -69,7 +73,8 @@ class GrassCallback(Callback):
         MisconfigurationException: in ``setup``, for DeepSpeed/FSDP/model-parallel strategies,
             for DDP without ``find_unused_parameters=True``, and for a park-mode offloading
             strategy with ``idle_moments="drop"``; at fit start, for fp16 loss scaling with an
-            optimizer that unscales inside its step (``AdamW(fused=True)``).
+            optimizer that unscales inside its step (``AdamW(fused=True)``), and for float16
+            blocks (``precision="16-true"``: no loss scaling; use ``"bf16-true"``).
     """
 
     def __init__(self, config: GrassConfig | None = None, blocks: str | None = None, seed: int | None = None,
@@ -94,6 +99,7 @@ class GrassCallback(Callback):
         self._user_max_steps: int | None = None  # the Trainer's, given back when fit ends
         self._lr_before_probe: list[tuple[dict, list[float]]] | None = None
         self._ddp_buckets = DDPBuckets()
+        self._keep_fp32: list = []  # load hooks from fit start to train start (see `keep_fp32_state`)
         self.last_step = ""  # what the last step did, for a progress bar: "probe" or the blocks, "3,17"
 
     @property
@@ -131,6 +137,16 @@ class GrassCallback(Callback):
                 "importance would read them scaled. Use fused=False, or precision='bf16-mixed'."
             )
         self._layout = layout = self.check_model(pl_module)
+        dtypes = {p.dtype for block in layout.blocks for p in block.parameters()}
+        if torch.float16 in dtypes:
+            raise MisconfigurationException(
+                "GrassCallback with float16 weights (precision='16-true'): half-precision gradients underflow "
+                "without loss scaling, which 16-true does not do. Use precision='bf16-true' (bf16 weights, fp32 "
+                "masters for the trained blocks) or '16-mixed' (fp32 weights, loss scaling)."
+            )
+        half = bool(dtypes & set(HALF))
+        if half and self.config.master_weights:  # Lightning restores optimizer state before on_train_start
+            self._keep_fp32 = [handle for opt in trainer.optimizers for handle in keep_fp32_state(opt)]
         if trainer.max_steps >= 0 and self.config.probe_steps:
             self._user_max_steps = trainer.max_steps
             trainer.fit_loop.epoch_loop.max_steps = trainer.max_steps + self.config.probe_steps
@@ -143,6 +159,10 @@ class GrassCallback(Callback):
                f"training ends at global step {trainer.max_steps}." if self._user_max_steps is not None else "")
             + (" The LM head is the input embedding matrix (tied), so it trains only with train_embeddings=True "
                "and train_head=True." if tied else "")
+            + (f" Weights in {_dtype_name(dtypes)}: "
+               + ("trained parameters step through fp32 master weights." if self.config.master_weights
+                  else "no master weights (master_weights=False), so updates below half an ulp are lost.")
+               if half else "")
         )
         if self.config.idle_moments == "keep" and offload == "none":
             rank_zero_warn(
@@ -156,6 +176,7 @@ class GrassCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build the schedule once the optimizer holds its restored state (a resumed run), and only
         for a fit that trains: one that resumes a finished run never gets here, so nothing is parked."""
+        self._remove_keep_fp32()  # the schedule's masters keep fp32 state through later loads
         seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
         # Hooks in backward see gradients before DDP all-reduces them and before AMP unscales them.
         measure_in_backward = trainer.world_size == 1 and loss_scaler(trainer) is None
@@ -214,6 +235,7 @@ class GrassCallback(Callback):
 
     def _uninstall(self, trainer: Trainer) -> None:
         """Leave the model and Trainer as the user had them; keep the schedule's state for `state_dict`."""
+        self._remove_keep_fp32()
         if self.schedule is not None:
             self._saved_state = self.schedule.state_dict()
             self.schedule.close()
@@ -221,6 +243,11 @@ class GrassCallback(Callback):
         if self._user_max_steps is not None:
             trainer.fit_loop.epoch_loop.max_steps = self._user_max_steps
             self._user_max_steps = None
+
+    def _remove_keep_fp32(self) -> None:
+        for handle in self._keep_fp32:
+            handle.remove()
+        self._keep_fp32 = []
 
     def _hold_lr(self, trainer: Trainer) -> None:
         """Undo what LR schedulers did in a probe step (Lightning or the module stepped them by now)."""
@@ -251,10 +278,16 @@ class GrassCallback(Callback):
             metrics[f"grass/importance/{block:02d}"] = importance[block].item()
             metrics[f"grass/probability/{block:02d}"] = probabilities[block].item()
             metrics[f"grass/active/{block:02d}"] = float(block in trained)
+        if schedule.masters:
+            metrics["grass/masters_mb"] = sum(m.master_bytes() for m in schedule.masters) / 2**20
         if schedule.offloader is not None:
             metrics["grass/moments_device_mb"] = schedule.offloader.device_bytes() / 2**20
             metrics["grass/moments_host_mb"] = schedule.offloader.host_bytes() / 2**20
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+
+def _dtype_name(dtypes: set[torch.dtype]) -> str:
+    return "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
 
 
 def _offload_mode(trainer: Trainer) -> str:

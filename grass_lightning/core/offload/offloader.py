@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from grass_lightning.core.offload.host_moments import HostMoments
+from grass_lightning.core.step_hooks import after_closure
 
 
 class MomentOffloader:
@@ -97,18 +98,8 @@ class MomentOffloader:
     def _before_step(self, optimizer: Optimizer, args: tuple, kwargs: dict):
         if self._stepping:
             return None
-        kwargs = dict(kwargs)  # args[0] is the optimizer itself, args[1] a positional closure
-        closure = kwargs.pop("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
-            self.ready(kwargs)
-            return None
-
-        def closure_then_ready():
-            loss = closure()  # forward, backward and (under Lightning) measuring and clipping
-            self.ready(kwargs)
-            return loss
-
-        return args[:1], {**kwargs, "closure": closure_then_ready}
+        # after the closure: forward, backward and (under Lightning) measuring and clipping
+        return after_closure(args, kwargs, self.ready)
 
     def _after_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
         if not self._stepping:
