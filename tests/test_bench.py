@@ -43,6 +43,27 @@ def test_bench_runs_every_row_and_writes_table_json_and_plot(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_in_bf16_runs_layer_wise_rows_with_bf16_weights_and_full_as_bf16_mixed(tmp_path):
+    methods = ["full", "lisa", "grass", *(["badam"] if importlib.util.find_spec("badam") else [])]
+    command = [sys.executable, "-m", "grass_lightning.bench", "--model", "tiny_llama", "--steps", "2", "--probe-steps", "1",
+               "--batch-size", "2", "--seq-len", "16", "--sampling-period", "2", "--methods", ",".join(methods),
+               "--precision", "bf16-true", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert report["precision"] == "bf16-true"
+    assert rows["full"]["precision"] == "bf16-mixed: fp32 weights, bf16 autocast"
+    assert rows["grass"]["precision"] == "bf16 weights, fp32 masters of trained params"
+    assert rows["lisa"]["precision"] == "bf16 weights, no masters (pure bf16)"  # as LMFlow's script runs it
+    table = (tmp_path / "bench.md").read_text()
+    assert "| bf16 weights, fp32 masters of trained params |" in table
+    if "badam" in rows:
+        assert rows["badam"]["precision"] == "bf16 weights, fp32 copy of the active block (BAdam's)"
+        assert rows["badam"]["optimizer_state_mb"] > 0
+
+
+@pytest.mark.slow
 def test_bench_with_gradient_checkpointing_runs_every_row_with_it(tmp_path):
     command = [sys.executable, "-m", "grass_lightning.bench", "--model", "tiny_llama", "--steps", "1", "--probe-steps", "1",
                "--batch-size", "2", "--seq-len", "16", "--methods", "full,grass", "--gradient-checkpointing",

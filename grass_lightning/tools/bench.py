@@ -10,6 +10,11 @@ package's ``BlockOptimizer``; LoRA is peft. ``lisa`` is LISA as published (LMFlo
 by our GrassCallback, as the table's implementation column says. Batches are random tokens:
 what a step costs does not depend on their values.
 
+``--precision bf16-true`` loads and trains each row with bf16 weights the way its authors run it:
+GRASS with fp32 masters of what it trains, BAdam with its fp32 copy of the active block, LISA in
+pure bf16 (LMFlow's script); full fine-tuning runs as people run it in bf16, ``bf16-mixed`` (fp32
+weights under bf16 autocast). The table's precision column says which.
+
 A row's steps: GRASS's probe steps, 2 warm-up steps, ``--steps`` timed steps, ``--memory-steps``
 steps whose peak memory is taken one by one, then for a layer-wise method ``--deep-steps`` steps
 whose active set is forced to include the lowest block (backward then runs through every block:
@@ -73,7 +78,8 @@ class _NextToken:
 class _Footprint(Callback):
     """Per optimizer step: its peak memory since the last reset, how many blocks backward runs
     through (from the lowest block taking a gradient up; all of them when the embeddings train);
-    the most optimizer-state bytes on the training device after a step; and from step
+    the most optimizer-state bytes on the training device after a step (moments, and fp32
+    masters: GRASS's in the state, BAdam's as its base optimizer's parameters); and from step
     ``deep_from`` on, an active set forced to include the lowest block.
 
     Peaks are reset when training starts, at step ``probe`` (the probe's end) and before every
@@ -112,9 +118,12 @@ class _Footprint(Callback):
             return  # a micro-batch within a step
         self._steps, self._open = trainer.global_step, False
         self.peaks.append(peak_memory_mb(pl_module.device))
-        states = [getattr(opt, "base_optimizer", opt).state for opt in trainer.optimizers]  # BAdam's wraps AdamW
-        held = sum(t.untyped_storage().nbytes() for state in states for param_state in state.values()
+        bases = [getattr(opt, "base_optimizer", opt) for opt in trainer.optimizers]  # BAdam's wraps AdamW
+        held = sum(t.untyped_storage().nbytes() for base in bases for param_state in base.state.values()
                    for t in param_state.values() if torch.is_tensor(t) and t.dim() > 0 and t.device == pl_module.device)
+        model = {id(p) for p in pl_module.parameters()}  # BAdam steps fp32 copies of its block: masters too
+        held += sum(p.untyped_storage().nbytes() for base in bases for group in base.param_groups
+                    for p in group["params"] if id(p) not in model)
         self.most = max(self.most, held)
         if self.deep_from is not None and len(self.peaks) >= self.deep_from:
             _force_lowest_block(trainer)
@@ -140,7 +149,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
 
     from grass_lightning.app.methods import build_method
-    from grass_lightning.app.models import ModelSpec, load_model, resolve_model_path
+    from grass_lightning.app.models import ModelSpec, load_model, resolve_model_path, weight_dtype
     from grass_lightning.app.module import GrassModule, OptimConfig
     from grass_lightning.app.run import trainer_strategy
     from grass_lightning.core.blocks import find_blocks
@@ -159,11 +168,12 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     if spec.kind != "causal_lm":
         raise ValueError(f"--model {args.model}: the benchmark trains causal LMs; {spec.name} is a {spec.kind}.")
+    precision = row_precision(method, args.precision)
     probe = sum(c.config.probe_steps for c in built.callbacks)  # none for LISA, full, LoRA, BAdam
     skip = 2 + probe  # GrassCallback runs the probe steps before max_steps updates
     deep = args.deep_steps if method not in ("full", "lora") else 0  # their every step is full-depth
     seed_everything(0)
-    model, _ = load_model(spec, resolve_model_path(spec))
+    model, _ = load_model(spec, resolve_model_path(spec), dtype=weight_dtype(precision))
     model = built.prepare(model, spec.kind)
     optim = OptimConfig(lr=built.lr, warmup_steps=0, lr_schedule="constant", accumulate_grad_batches=args.accumulate)
     module = GrassModule(model, _NextToken(), optim, built.wrap_optimizer)
@@ -174,7 +184,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     stats = RunStats(warmup_steps=skip)
     memory_from, deep_from = skip + args.steps, skip + args.steps + args.memory_steps
     state = _Footprint(find_blocks(model), probe, reset_from=memory_from, deep_from=deep_from if deep else None)
-    trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps - probe,
+    trainer = Trainer(accelerator=args.accelerator, devices=1, precision=precision, max_steps=steps - probe,
                       strategy=trainer_strategy("auto", built),
                       callbacks=[*built.callbacks, state, stats], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
@@ -184,6 +194,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
         "method": method,
         "implementation": implementation,
         "configuration": _configuration(built),
+        "precision": _precision_cell(built, precision),
         "step_time_s": statistics.median(stats.step_times[timed]),
         "probe_step_time_s": statistics.median(stats.step_times[:probe]) if probe else None,
         "median_step_peak_mb": statistics.median(state.peaks[memory]),
@@ -199,6 +210,27 @@ def measure(method: str, args: argparse.Namespace) -> dict:
         "deep_backward_blocks": statistics.mean(state.depths[deeps]) if deep else None,
         "device": str(module.device),
     }
+
+
+def row_precision(method: str, precision: str) -> str:
+    """The precision a row trains in: ``--precision``, except that full fine-tuning "in bf16" is
+    run as people run it, bf16-mixed (fp32 weights under bf16 autocast): pure bf16 AdamW over the
+    whole model loses most small updates, which no one reports as full fine-tuning."""
+    return "bf16-mixed" if method == "full" and precision == "bf16-true" else precision
+
+
+def _precision_cell(built, precision: str) -> str:
+    """How the row holds its weights, as a table cell."""
+    if precision == "bf16-mixed":
+        return "bf16-mixed: fp32 weights, bf16 autocast"
+    if precision != "bf16-true":
+        return precision
+    if built.callbacks:
+        masters = built.callbacks[0].config.master_weights
+        return "bf16 weights" + (", fp32 masters of trained params" if masters else ", no masters (pure bf16)")
+    if hasattr(built, "switch_block_every"):
+        return "bf16 weights, fp32 copy of the active block (BAdam's)"
+    return "bf16 weights, pure bf16"
 
 
 _IDLE = {"drop": "dropped", "keep": "kept"}
@@ -231,17 +263,18 @@ def table(rows: list[dict]) -> str:
         ratio = f" ({row[key] / base[key]:.2f}×)" if base and base.get(key) else ""
         return f"{row[key]:{fmt}}{ratio}"
 
-    lines = ["| method | code | configuration | step time (s) | probe step (s) | blocks back-propagated | "
+    lines = ["| method | code | configuration | precision | step time (s) | probe step (s) | blocks back-propagated | "
              "peak, median step (MB) | peak, probe (MB) | peak, lowest block drawn (MB) | whole-run peak (MB) | "
-             "optimizer state on device (MB) | trained params |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "optimizer state and masters on device (MB) | trained params |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peaks = [cell(r, "median_step_peak_mb", ".0f")]  # the others against full's whole-run peak
         for key in ("probe_peak_mb", "deep_step_peak_mb", "whole_run_peak_mb"):
             ratio = f" ({r[key] / base['whole_run_peak_mb']:.2f}×)" if r[key] is not None and base else ""
             peaks.append("–" if r[key] is None else f"{r[key]:.0f}{ratio}")
         depth = f"{r['backward_blocks']:.1f}" + ("" if r["deep_backward_blocks"] is None else f" ({r['deep_backward_blocks']:.0f} deep)")
-        lines.append(f"| {r['method']} | {r['implementation']} | {r['configuration']} | {cell(r, 'step_time_s', '.3f')} | "
+        lines.append(f"| {r['method']} | {r['implementation']} | {r['configuration']} | {r.get('precision', '32-true')} | "
+                     f"{cell(r, 'step_time_s', '.3f')} | "
                      f"{cell(r, 'probe_step_time_s', '.3f')} | {depth} | {' | '.join(peaks)} | "
                      f"{cell(r, 'optimizer_state_mb', '.1f')} | {r['trainable_params'] / 1e6:.2f}M |")
     return "\n".join(lines) + "\n"
