@@ -32,9 +32,9 @@ import torchmetrics
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from grass_lightning.app.lm_loss import IGNORE, causal_lm_loss
 from grass_lightning.app.sources import Choice, Conversation, Generation, Record
 
-IGNORE = -100
 NUMBER = r"-?\d[\d,]*\.?\d*"
 FINISHED_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:[^\d,.]|[,.]\D)"  # a character follows that cannot continue it
 
@@ -125,7 +125,7 @@ class _CausalLM:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
 
 
 class ChoiceScoring(_CausalLM):

@@ -47,6 +47,7 @@ import torch
 import torchmetrics
 from lightning.pytorch import Callback, Trainer, seed_everything
 
+from grass_lightning.app.lm_loss import causal_lm_loss
 from grass_lightning.lightning.stats import RunStats, current_memory_mb, peak_memory_mb, reset_peak_memory
 
 ROWS = {  # the bench's rows: overrides of the Hydra config (conf/method), and whose code runs
@@ -72,7 +73,7 @@ class _NextToken:
         return torchmetrics.MetricCollection({"loss": torchmetrics.MeanMetric()})
 
     def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=batch, labels=batch).loss
+        return causal_lm_loss(model, batch, batch)  # as the app's causal-LM tasks compute it
 
 
 class _Footprint(Callback):
