@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from grass_lightning import find_blocks
 from grass_lightning.app.models import ModelSpec, load_model
-from grass_lightning.tools.study import COMMONSENSE, VARIANTS, main, reinitialise, run_commonsense, summarise_commonsense
+from grass_lightning.tools.study import (COMMONSENSE, PRECISION, VARIANTS, main, reinitialise, run_comparison,
+                                        summarise_comparison)
 from tests.helpers.app import CONF, classification_rows, write_jsonl
 
 
@@ -74,13 +75,13 @@ def test_commonsense_summary_pairs_each_variant_with_uniform_sampling_seed_by_se
               for label, offset in offsets.items() for name in ("arc_easy", "piqa") for seed in (0, 1)}
     scores[("uniform", "arc_easy", 2)] = 0.9  # a seed that the other variants lack is left out
     _fake_commonsense(tmp_path, scores)
-    table = summarise_commonsense(tmp_path, None)
+    table = summarise_comparison(COMMONSENSE, tmp_path, None)
     summary = json.loads((tmp_path / "commonsense.json").read_text())
     assert summary["sets"] == ["arc_easy", "piqa"] and summary["seeds"] == [0, 1]
     assert summary["mean"]["grass"]["0"] == pytest.approx(0.62) and summary["mean"]["uniform"]["1"] == pytest.approx(0.7)
     assert "| grass − uniform | +0.0200 | +0.0200 | +0.020 ± 0.000 |" in table
     assert "| grass − static | +0.0100 | +0.0100 | +0.010 ± 0.000 |" in table
-    summarise_commonsense(tmp_path, "accuracy_norm")
+    summarise_comparison(COMMONSENSE, tmp_path, "accuracy_norm")
     assert json.loads((tmp_path / "commonsense_accuracy_norm.json").read_text())["mean"]["uniform"]["0"] == pytest.approx(0.3)
 
 
@@ -89,8 +90,8 @@ def test_commonsense_study_runs_seed_by_seed_and_skips_finished_runs(tmp_path, m
 
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: calls.append(command))
-    _fake_commonsense(tmp_path, {("grass", name, 0): 0.5 for name in COMMONSENSE})
-    run_commonsense(argparse.Namespace(seeds=2, steps=40, period=4, out=tmp_path, overrides=[]))
+    _fake_commonsense(tmp_path, {("grass", name, 0): 0.5 for name in COMMONSENSE.sets})
+    run_comparison(COMMONSENSE, argparse.Namespace(seeds=2, steps=40, period=4, out=tmp_path, overrides=[]))
     labels = [next(a for a in c if a.startswith("hydra.sweep.dir=")).rsplit("/", 1)[1] for c in calls]
     seeds = [next(a for a in c if a.startswith("seed=")) for c in calls]
     assert labels[:4] == ["grass_reprobe", "grass_reprobe", "static", "static"]  # grass seed 0 is done
@@ -100,3 +101,22 @@ def test_commonsense_study_runs_seed_by_seed_and_skips_finished_runs(tmp_path, m
     assert all("method.probe_steps=4" in c for c in calls if "method.sampler=uniform" not in c)
     assert not any("method.probe_steps=4" in c for c in calls if "method.sampler=uniform" in c)
     assert not any("method=lisa" in c for c in calls)  # LISA as published trains embeddings: not the sampling alone
+
+
+def test_precision_study_runs_grass_in_fp32_bf16_with_masters_and_pure_bf16(tmp_path, monkeypatch):
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: calls.append(command))
+    run_comparison(PRECISION, argparse.Namespace(seeds=1, steps=40, period=4, out=tmp_path, overrides=[]))
+    by_label = {next(a for a in c if a.startswith("hydra.sweep.dir=")).rsplit("/", 1)[1]: c for c in calls}
+    assert "trainer.precision=32-true" in by_label["fp32"]
+    assert "trainer.precision=bf16-true" in by_label["bf16_masters"] and not any("master_weights" in a for a in by_label["bf16_masters"])
+    assert {"trainer.precision=bf16-true", "method.master_weights=false"} <= set(by_label["bf16_pure"])
+    assert all("method.probe_steps=4" in c and "experiment=smollm2_commonsense" in c for c in calls)
+    assert sorted(a for c in calls for a in c if a.startswith("data=")) == ["data=arc_easy"] * 3 + ["data=piqa"] * 3
+    _fake_commonsense(tmp_path / "done", {(label, name, seed): 0.6 + (0.01 if label == "fp32" else 0.0)
+                                          for label in PRECISION.variants for name in PRECISION.sets for seed in (0, 1)})
+    table = summarise_comparison(PRECISION, tmp_path / "done", None)
+    assert "| bf16_masters − fp32 | -0.0100 | -0.0100 | -0.010 ± 0.000 |" in table
+    assert (tmp_path / "done" / "precision.md").is_file()

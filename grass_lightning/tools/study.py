@@ -25,6 +25,12 @@ paired difference to uniform sampling, adaptive minus static, and re-probing min
     python -m grass_lightning.study commonsense --out multirun/commonsense10          # 100 runs
     python -m grass_lightning.study commonsense --out multirun/commonsense10 --summarise-only --score accuracy_norm
 
+``precision``: the same runs of GRASS on ARC-Easy and PIQA with fp32 weights (``32-true``), bf16
+weights with fp32 master weights (``bf16-true``, the default) and pure bf16 (``bf16-true`` with
+``method.master_weights=false``), paired by seed.
+
+    python -m grass_lightning.study precision --seeds 3 --out multirun/precision          # 18 runs
+
 Runs already finished (a metrics.json) are kept, so an interrupted study continues.
 """
 
@@ -35,6 +41,7 @@ import csv
 import json
 import shutil
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,9 +60,9 @@ VARIANTS = {  # label: overrides; every block method with the same period, refre
 }
 
 
-def _variant_overrides(label: str, period: int) -> list[str]:
+def _variant_overrides(overrides: list[str], period: int) -> list[str]:
     """A variant's overrides; those that read importance probe ``period`` steps first."""
-    return VARIANTS[label] + ([] if label == "uniform" else [f"method.probe_steps={period}"])
+    return overrides + ([] if "method.sampler=uniform" in overrides else [f"method.probe_steps={period}"])
 
 
 def reinitialise(block: nn.Module, std: float, generator: torch.Generator) -> None:
@@ -126,7 +133,7 @@ def run_all(args: argparse.Namespace) -> None:
         "test_before=false", *args.overrides,
     ]
     for label in VARIANTS:
-        method = _variant_overrides(label, args.period)
+        method = _variant_overrides(VARIANTS[label], args.period)
         for seed in range(args.seeds):
             run_dir = args.out / label / f"seed{seed}"
             if (run_dir / "metrics.json").is_file():
@@ -137,58 +144,80 @@ def run_all(args: argparse.Namespace) -> None:
             train(cfg)[1].release()
 
 
-COMMONSENSE = {"arc_easy": None, "arc_challenge": None, "openbookqa": None, "winogrande": None, "piqa": 300}  # set: test_size
-PAIRS = [("grass", "uniform"), ("grass_reprobe", "uniform"), ("static", "uniform"), ("grass", "static"), ("grass_reprobe", "grass")]
+@dataclass(frozen=True)
+class Comparison:
+    """A real-data comparison: variants (label: overrides) on SmolLM2, sets (name: test size, None
+    for the set's own), and the pairs whose seed-by-seed differences it reports."""
+
+    name: str
+    variants: dict[str, list[str]]
+    sets: dict[str, int | None]
+    pairs: tuple[tuple[str, str], ...]
 
 
-def run_commonsense(args: argparse.Namespace) -> None:
+COMMONSENSE = Comparison(
+    "commonsense", VARIANTS,
+    {"arc_easy": None, "arc_challenge": None, "openbookqa": None, "winogrande": None, "piqa": 300},
+    (("grass", "uniform"), ("grass_reprobe", "uniform"), ("static", "uniform"), ("grass", "static"),
+     ("grass_reprobe", "grass")))
+PRECISION = Comparison(  # GRASS with bf16 weights, with and without fp32 masters, against fp32 training
+    "precision",
+    {"fp32": ["method=grass", "trainer.precision=32-true"],
+     "bf16_masters": ["method=grass", "trainer.precision=bf16-true"],
+     "bf16_pure": ["method=grass", "trainer.precision=bf16-true", "method.master_weights=false"]},
+    {"arc_easy": None, "piqa": 300},
+    (("bf16_masters", "fp32"), ("bf16_pure", "fp32"), ("bf16_masters", "bf16_pure")))
+COMPARISONS = {c.name: c for c in (COMMONSENSE, PRECISION)}
+
+
+def run_comparison(study: Comparison, args: argparse.Namespace) -> None:
     """Seed by seed, every variant, as ``train.py`` multiruns over the sets (one process per variant and seed)."""
     import subprocess
     import sys
 
     for seed in range(args.seeds):
-        for label in VARIANTS:
+        for label, overrides in study.variants.items():
             common = ["experiment=smollm2_commonsense", f"trainer.max_steps={args.steps}",
                       f"method.sampling_period={args.period}", f"method.refresh_interval={args.period}",
-                      "trainer.enable_progress_bar=false", *_variant_overrides(label, args.period), f"seed={seed}",
+                      "trainer.enable_progress_bar=false", *_variant_overrides(overrides, args.period), f"seed={seed}",
                       f"hydra.sweep.dir={args.out / label}", "hydra.sweep.subdir=${data.source}_seed${seed}", *args.overrides]
-            todo = [name for name in COMMONSENSE if not (args.out / label / f"{name}_seed{seed}" / "metrics.json").is_file()]
-            groups = [[n for n in todo if COMMONSENSE[n] is None]] + [[n] for n in todo if COMMONSENSE[n] is not None]
+            todo = [name for name in study.sets if not (args.out / label / f"{name}_seed{seed}" / "metrics.json").is_file()]
+            groups = [[n for n in todo if study.sets[n] is None]] + [[n] for n in todo if study.sets[n] is not None]
             for names in filter(None, groups):
-                size = COMMONSENSE[names[0]]
-                print(f"commonsense study: {label} seed {seed}: {', '.join(names)}", flush=True)
+                size = study.sets[names[0]]
+                print(f"{study.name} study: {label} seed {seed}: {', '.join(names)}", flush=True)
                 subprocess.run([sys.executable, str(CONF.parent / "train.py"), "-m", *common, f"data={','.join(names)}",
                                 *([f"data.test_size={size}"] if size else [])], check=True, cwd=CONF.parent)
 
 
-def summarise_commonsense(out: Path, score: str | None) -> str:
+def summarise_comparison(study: Comparison, out: Path, score: str | None) -> str:
     """Per set and over the sets' mean (per seed, then mean ± std over seeds), with paired differences."""
     runs = {}  # label -> set -> seed -> score
-    for label in VARIANTS:
+    for label in study.variants:
         for path in sorted((out / label).glob("*_seed*/metrics.json")):
             metrics = json.loads(path.read_text())
             name, seed = path.parent.name.rsplit("_seed", 1)
             runs.setdefault(label, {}).setdefault(name, {})[int(seed)] = metrics["scores"][score or metrics["score_name"]]
-    sets = [name for name in COMMONSENSE if all(name in runs.get(label, {}) for label in VARIANTS)]
+    sets = [name for name in study.sets if all(name in runs.get(label, {}) for label in study.variants)]
     if not sets:
-        raise FileNotFoundError(f"{out}: no set has finished runs of every variant {list(VARIANTS)} yet.")
-    seeds = sorted(set.intersection(*(set(runs[label][name]) for label in VARIANTS for name in sets)))
-    mean = {label: {s: statistics.fmean(runs[label][name][s] for name in sets) for s in seeds} for label in VARIANTS}
+        raise FileNotFoundError(f"{out}: no set has finished runs of every variant {list(study.variants)} yet.")
+    seeds = sorted(set.intersection(*(set(runs[label][name]) for label in study.variants for name in sets)))
+    mean = {label: {s: statistics.fmean(runs[label][name][s] for name in sets) for s in seeds} for label in study.variants}
     header = ["variant", *sets, f"mean of {len(sets)}"]
     lines = [f"{score or 'headline score'}, mean ± std over seeds {seeds}; the mean of the sets is taken per seed first.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label in VARIANTS:
+    for label in study.variants:
         cells = [_spread([runs[label][name][s] for s in seeds]) for name in sets]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_spread(list(mean[label].values()))} |")
     lines += ["", "| paired difference, mean of the sets | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
               "|" + "---|" * (len(seeds) + 2)]
-    for a, b in PAIRS:
+    for a, b in study.pairs:
         diffs = [mean[a][s] - mean[b][s] for s in seeds]
         lines.append(f"| {a} − {b} | " + " | ".join(f"{d:+.4f}" for d in diffs) + f" | {_spread(diffs, signed=True)} |")
     table = "\n".join(lines) + "\n"
     suffix = f"_{score}" if score else ""
-    (out / f"commonsense{suffix}.md").write_text(table)  # not summary.md: gather writes that, per run
-    (out / f"commonsense{suffix}.json").write_text(json.dumps({"sets": sets, "seeds": seeds, "runs": runs, "mean": mean}, indent=1))
+    (out / f"{study.name}{suffix}.md").write_text(table)  # not summary.md: gather writes that, per run
+    (out / f"{study.name}{suffix}.json").write_text(json.dumps({"sets": sets, "seeds": seeds, "runs": runs, "mean": mean}, indent=1))
     return table
 
 
@@ -269,20 +298,20 @@ def _plot(runs: dict, path: Path, damaged: list[int]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m grass_lightning.study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", choices=["damaged", "commonsense"])
+    parser.add_argument("study", choices=["damaged", *COMPARISONS])
     parser.add_argument("--model", default="minilm", help="a conf/model name, or a Hugging Face folder (default minilm)")
     parser.add_argument("--kind", default="classification", choices=["classification", "causal_lm"],
                         help="the folder's kind, when --model is a folder")
     parser.add_argument("--data", default="sst2", help="a conf/data name (default sst2)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 3], help="blocks to re-initialise")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=None, help="updates per run (default: damaged 150, commonsense 40)")
+    parser.add_argument("--steps", type=int, default=None, help="updates per run (default: damaged 150, else 40)")
     parser.add_argument("--period", type=int, default=None,
                         help="sampling period = refresh interval = GRASS's probe steps (and the damaged study's "
-                             "validation interval); default: damaged 10, commonsense 4 (10 draws in 40 updates)")
+                             "validation interval); default: damaged 10, else 4 (10 draws in 40 updates)")
     parser.add_argument("--out", type=Path, default=None, help="default multirun/<study>")
     parser.add_argument("--summarise-only", action="store_true")
-    parser.add_argument("--score", default=None, help="commonsense: the score to table (default: the headline accuracy)")
+    parser.add_argument("--score", default=None, help="commonsense, precision: the score to table (default: the headline accuracy)")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
     args = parser.parse_intermixed_args(argv)
     damaged = args.study == "damaged"
@@ -291,8 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out or Path("multirun") / args.study
     if not args.summarise_only:
         args.out.mkdir(parents=True, exist_ok=True)
-        (run_all if damaged else run_commonsense)(args)
-    print(summarise(args.out, args.steps) if damaged else summarise_commonsense(args.out, args.score))
+        run_all(args) if damaged else run_comparison(COMPARISONS[args.study], args)
+    print(summarise(args.out, args.steps) if damaged else summarise_comparison(COMPARISONS[args.study], args.out, args.score))
 
 
 if __name__ == "__main__":
