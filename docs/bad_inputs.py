@@ -53,6 +53,8 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("`method.sampler=random`", ["method.sampler=random"]),
         ("`method.offload=park` with `idle_moments=drop`", ["method.offload=park"]),
         ("a sharded strategy", ["+trainer.strategy=fsdp"]),
+        ("float16 weights for a block method", [*smollm2, "trainer.precision=16-true"]),
+        ("`export_dtype=float64`", ["export_dtype=float64"]),
         ("`trainer.max_steps=-1`", ["trainer.max_steps=-1"]),
         ("`optim.lr=0`", ["optim.lr=0"]),
         ("every loss NaN (`data.max_length=1`, a causal LM)", [*smollm2, "data.max_length=1"]),

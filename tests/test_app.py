@@ -437,3 +437,38 @@ def test_bf16_true_loads_bf16_weights_trains_scores_and_generates(tmp_path, data
     assert math.isfinite(metrics["score"]) and metrics["updates"] == 4
     state = objects.trainer.optimizers[0].state_dict()["state"]
     assert any("master" in s for s in state.values()) == (method == "grass")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured 0.74x of fp32's moved share at be4522f, below the issue's 0.8x (issue 23 open)")
+def test_smollm2_in_bf16_with_masters_moves_as_many_weights_as_fp32_and_pure_bf16_far_fewer(tmp_path):
+    """The issue's check, as `python train.py model=smollm2 data=arc_easy method=grass` runs it: 10
+    updates at lr 5e-5 without warm-up (2 probe steps, small splits, to keep it short). Compared in
+    bf16, the share of the trained blocks' weights that moved with bf16 weights and fp32 masters is
+    at least 0.8x the fp32 run's; pure bf16 AdamW moves far fewer (a quarter, in the issue's check)."""
+    common = ["model=smollm2", "data=arc_easy", "method=grass", "method.lr=5e-5", "optim.warmup_steps=0",
+              "trainer.max_steps=10", "method.probe_steps=2", "test_before=false", "export=false",
+              "data.val_size=8", "data.test_size=8", "+trainer.limit_val_batches=0"]
+    shares = {}
+    for label, precision in (("fp32", ["trainer.precision=32-true"]), ("bf16_masters", ["trainer.precision=bf16-true"]),
+                             ("bf16_pure", ["trainer.precision=bf16-true", "method.master_weights=false"])):
+        metrics, objects = run.train(compose_run(tmp_path / label, *common, *precision))
+        assert metrics["updates"] == 10
+        model = objects.module.model
+        if label == "fp32":
+            start, _ = load_model(objects.spec, str(model.name_or_path))  # the weights every run started from
+            start = {n: p.detach().bfloat16() for n, p in start.named_parameters()}
+        trained = {b for _, active in objects.method.callbacks[0].state_dict()["history"] for b in active}
+        prefix = [f"model.layers.{b}." for b in trained]
+        moved = total = 0
+        for name, p in model.named_parameters():
+            if name.startswith(tuple(prefix)):
+                moved += int((p.detach().bfloat16() != start[name]).sum())
+                total += p.numel()
+        shares[label] = moved / total
+        objects.release()
+    print(f"\nshare of trained blocks' weights whose bf16 value moved: {shares}; "
+          f"bf16_masters / fp32 = {shares['bf16_masters'] / shares['fp32']:.2f}, "
+          f"bf16_pure / fp32 = {shares['bf16_pure'] / shares['fp32']:.2f}")
+    assert shares["bf16_masters"] >= 0.8 * shares["fp32"]
+    assert shares["bf16_pure"] < 0.5 * shares["fp32"]

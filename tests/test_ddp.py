@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers.app import CONF, choice_rows, write_jsonl
 
@@ -28,15 +29,22 @@ def test_two_ranks_train_the_same_blocks_and_end_with_the_same_weights(strategy,
 
 
 @pytest.mark.slow
-def test_train_py_runs_grass_under_lightning_ddp(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_train_py_runs_grass_under_lightning_ddp(tmp_path, precision):
     data = write_jsonl(tmp_path / "mc.jsonl", choice_rows())
     run_dir = tmp_path / "run"
     command = [sys.executable, "train.py", "trainer=ddp", "trainer.accelerator=cpu", "model=tiny_llama", "data=jsonl",
                f"data.path={data}", "trainer.max_steps=6", "method.probe_steps=2", "method.sampling_period=2",
                "method.refresh_interval=2", "data.val_size=4", "data.test_size=6", "trainer.enable_progress_bar=false",
-               "~callbacks.progress_bar", f"hydra.run.dir={run_dir}"]
+               "~callbacks.progress_bar", f"hydra.run.dir={run_dir}", f"trainer.precision={precision}"]
     done = subprocess.run(command, cwd=CONF.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["updates"] == 6 and metrics["steps"] == 8 and metrics["method"] == "grass"
     assert (run_dir / "train_ddp_process_1.log").exists()  # the second rank ran in the same run directory
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    state = checkpoint["optimizer_states"][0]["state"]
+    masters = [s["master"] for s in state.values() if "master" in s]
+    assert bool(masters) == (precision == "bf16-true") and all(m.dtype == torch.float32 for m in masters)
+    weights = {t.dtype for t in checkpoint["state_dict"].values() if t.is_floating_point()}
+    assert weights == ({torch.bfloat16} if precision == "bf16-true" else {torch.float32})

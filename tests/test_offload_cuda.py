@@ -5,7 +5,8 @@ Skipped without CUDA; one command, well under 5 minutes on one GPU:
     python -m pytest tests/test_offload_cuda.py
 
 Covers park with idle moments kept, and stream with them kept and dropped (where a draw can drop
-a block whose prefetch is still in flight). Step-time ratios are measured by the benchmark."""
+a block whose prefetch is still in flight), and both with bf16 weights, whose fp32 masters move
+with the moments. Step-time ratios are measured by the benchmark."""
 
 import pytest
 import torch
@@ -16,17 +17,17 @@ from grass_lightning import GrassConfig, GrassSchedule, find_blocks
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _llama(blocks=8, width=512):
+def _llama(blocks=8, width=512, dtype=torch.float32):
     # eager attention: fused attention backward kernels may use atomics, and runs must be bit-comparable
     config = transformers.LlamaConfig(vocab_size=1024, hidden_size=width, intermediate_size=4 * width,
                                       num_hidden_layers=blocks, num_attention_heads=8, num_key_value_heads=8,
                                       attn_implementation="eager")
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).cuda()
+    return transformers.LlamaForCausalLM(config).to(device="cuda", dtype=dtype)
 
 
-def _train(offload, idle_moments, steps=24):
-    model = _llama()
+def _train(offload, idle_moments, steps=24, dtype=torch.float32):
+    model = _llama(dtype=dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     schedule = GrassSchedule(find_blocks(model), [optimizer],
                              GrassConfig(num_active=2, sampling_period=3, refresh_interval=3, probe_steps=0,
@@ -65,3 +66,16 @@ def test_cuda_offload_is_bit_identical_and_lowers_peak_memory_by_the_parked_mome
     resident = 2 if offload == "park" else 3  # stream: block i, prefetched i+1, i-1 being written back
     expected_saving = (len(visited) - resident) * block_bytes
     assert plain_peak - peak >= 0.8 * expected_saving, (plain_peak, peak, expected_saving)
+
+
+@pytest.mark.parametrize("offload", ["park", "stream"])
+def test_cuda_bf16_weights_with_fp32_masters_offload_bit_identically(offload):
+    """bf16 weights: fp32 masters and moments move to the host and back with the same numbers."""
+    plain, plain_state, _, visited, _ = _train("none", "keep", dtype=torch.bfloat16)
+    model, state, _, visited_offload, _ = _train(offload, "keep", dtype=torch.bfloat16)
+    assert visited == visited_offload
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert any("master" in s for s in state.values())
+    assert {t.dtype for s in state.values() for k, t in s.items() if k != "step"} == {torch.float32}
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), model.parameters()))
+    assert all(torch.equal(plain_state[i][k], state[i][k]) for i in plain_state for k in plain_state[i])

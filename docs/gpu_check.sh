@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Every GPU check in one call, for a lent CUDA machine (no downloads: random-initialised models).
+# About 6 minutes on one H100/H200; writes docs/results/bench_gpu_llama_1b_bf16 (copy it to $OUT
+# on the device tool). Usage: bash docs/gpu_check.sh [OUT_DIR]
+set -euo pipefail
+out=${1:-docs/results/bench_gpu_llama_1b_bf16}
+nvidia-smi --query-gpu=name,memory.total --format=csv
+# CUDA offload: park and stream, fp32 and bf16 weights with fp32 masters, bit-identical to no offload
+timeout 240 python -m pytest -q tests/test_offload_cuda.py
+# the llama_1b rows in bf16 weights (full as bf16-mixed), as each peer runs them
+timeout 330 python -m grass_lightning.bench --model llama_1b --precision bf16-true \
+    --methods full,badam,lisa,grass,grass+stream --batch-size 8 --seq-len 512 --steps 10 --out "$out"
