@@ -4,12 +4,16 @@ import pytest
 import torch
 
 from grass_lightning.app.lm_loss import IGNORE, causal_lm_loss, next_token_loss
-from tests.helpers.models import tiny_hf
+from tests.helpers.models import FAMILIES, tiny_hf
+
+CAUSAL = [family for family, (_, model_cls, _, _) in FAMILIES.items() if "Classification" not in model_cls]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_chunked_loss_is_hugging_faces_loss_with_its_gradients(dtype):
-    model = tiny_hf("llama").to(dtype)
+@pytest.mark.parametrize(("family", "dtype"), [(family, torch.float32) for family in CAUSAL] + [("llama", torch.bfloat16)])
+def test_the_chunked_loss_is_hugging_faces_loss_with_its_gradients(family, dtype):
+    """Every family, whether its head runs inside the chunks (Llama, GPT-2, ...) or its logits
+    come from its own forward (Gemma 2's soft-capping)."""
+    model = tiny_hf(family).to(dtype).eval()  # no dropout: the two passes must see the same network
     ids = torch.randint(0, 64, (3, 10))
     labels = ids.clone()
     labels[0, :4] = IGNORE  # a prompt
@@ -58,3 +62,27 @@ def test_backward_keeps_the_logits_not_an_fp32_log_softmax():
 
     assert saved_bytes(hugging_face) >= 4 * logits.numel()  # the fp32 log-softmax
     assert saved_bytes(lambda: next_token_loss(logits, labels, chunk_elements=64 * 1000)) <= 2 * logits.numel()
+
+
+def _largest_saved_bytes(loss_fn) -> int:
+    """The largest tensor autograd saves for backward while ``loss_fn`` runs."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes() if t.layout == torch.strided else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn()
+    return max(saved, default=0)
+
+
+def test_a_plain_linear_head_runs_inside_the_chunks_so_no_logits_are_kept():
+    """A Llama's head is applied chunk by chunk: backward keeps the hidden states, never a
+    vocabulary-wide tensor; Gemma 2 (soft-capped logits) keeps its logits."""
+    ids = torch.randint(0, 64, (4, 16))
+    for family, holds_logits in (("llama", False), ("gemma2", True)):
+        model = tiny_hf(family)
+        logits_bytes = ids.numel() * model.config.vocab_size * 4
+        largest = _largest_saved_bytes(lambda: causal_lm_loss(model, ids, ids))
+        assert (largest >= logits_bytes) == holds_logits, family
