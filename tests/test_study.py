@@ -60,13 +60,16 @@ def test_the_damaged_study_runs_every_method_and_reports_the_share_of_updates_to
     assert (out / "damaged.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def _fake_commonsense(root, scores):
-    """metrics.json files laid out as the commonsense study writes them: <variant>/<set>_seed<s>/."""
+def _fake_commonsense(root, scores, before=None):
+    """metrics.json files laid out as the commonsense study writes them: <variant>/<set>_seed<s>/;
+    ``before``: (variant, set) -> score before training."""
     for (label, name, seed), value in scores.items():
         folder = root / label / f"{name}_seed{seed}"
         folder.mkdir(parents=True)
-        (folder / "metrics.json").write_text(json.dumps({"score_name": "accuracy", "scores": {"accuracy": value,
-                                                                                               "accuracy_norm": value / 2}}))
+        prior = None if before is None else before[label, name]
+        (folder / "metrics.json").write_text(json.dumps({
+            "score_name": "accuracy", "scores": {"accuracy": value, "accuracy_norm": value / 2},
+            "scores_before": None if prior is None else {"accuracy": prior, "accuracy_norm": prior / 2}}))
 
 
 def test_commonsense_summary_pairs_each_variant_with_uniform_sampling_seed_by_seed(tmp_path):
@@ -115,8 +118,16 @@ def test_precision_study_runs_grass_in_fp32_bf16_with_masters_and_pure_bf16(tmp_
     assert {"trainer.precision=bf16-true", "method.master_weights=false"} <= set(by_label["bf16_pure"])
     assert all("method.probe_steps=4" in c and "experiment=smollm2_commonsense" in c for c in calls)
     assert sorted(a for c in calls for a in c if a.startswith("data=")) == ["data=arc_easy"] * 3 + ["data=piqa"] * 3
+    assert all("test_before=true" in c for c in calls)  # bf16 and fp32 runs start from different models
+    # fp32 scores 0.01 higher after training, and also before: the same gain
     _fake_commonsense(tmp_path / "done", {(label, name, seed): 0.6 + (0.01 if label == "fp32" else 0.0)
-                                          for label in PRECISION.variants for name in PRECISION.sets for seed in (0, 1)})
+                                          for label in PRECISION.variants for name in PRECISION.sets for seed in (0, 1)},
+                      before={(label, name): 0.5 + (0.01 if label == "fp32" else 0.0)
+                              for label in PRECISION.variants for name in PRECISION.sets})
     table = summarise_comparison(PRECISION, tmp_path / "done", None)
-    assert "| bf16_masters − fp32 | -0.0100 | -0.0100 | -0.010 ± 0.000 |" in table
+    after, before, gain = table.split("before training")  # the three tables, in that order
+    assert "| bf16_masters − fp32 | -0.0100 | -0.0100 | -0.010 ± 0.000 |" in after
+    assert "| bf16_masters − fp32 | -0.0100 | -0.0100 | -0.010 ± 0.000 |" in before
+    assert "| bf16_masters − fp32 | +0.0000 | +0.0000 | +0.000 ± 0.000 |" in gain
+    assert "| fp32 | 0.100 ± 0.000 | 0.100 ± 0.000 | 0.100 ± 0.000 |" in gain
     assert (tmp_path / "done" / "precision.md").is_file()

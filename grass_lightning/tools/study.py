@@ -27,7 +27,9 @@ paired difference to uniform sampling, adaptive minus static, and re-probing min
 
 ``precision``: the same runs of GRASS on ARC-Easy and PIQA with fp32 weights (``32-true``), bf16
 weights with fp32 master weights (``bf16-true``, the default) and pure bf16 (``bf16-true`` with
-``method.master_weights=false``), paired by seed.
+``method.master_weights=false``), paired by seed. Each run also scores its model before
+training: bf16 weights are the fp32 ones rounded, a different start, so the summary also
+compares what training added.
 
     python -m grass_lightning.study precision --seeds 3 --out multirun/precision          # 18 runs
 
@@ -147,12 +149,16 @@ def run_all(args: argparse.Namespace) -> None:
 @dataclass(frozen=True)
 class Comparison:
     """A real-data comparison: variants (label: overrides) on SmolLM2, sets (name: test size, None
-    for the set's own), and the pairs whose seed-by-seed differences it reports."""
+    for the set's own), and the pairs whose seed-by-seed differences it reports. With
+    ``test_before``, every run also scores its model before training, and the summary adds each
+    variant's gain (after − before): variants that start from different models (bf16 and fp32
+    weights) are then compared on what training added."""
 
     name: str
     variants: dict[str, list[str]]
     sets: dict[str, int | None]
     pairs: tuple[tuple[str, str], ...]
+    test_before: bool = False
 
 
 COMMONSENSE = Comparison(
@@ -166,7 +172,7 @@ PRECISION = Comparison(  # GRASS with bf16 weights, with and without fp32 master
      "bf16_masters": ["method=grass", "trainer.precision=bf16-true"],
      "bf16_pure": ["method=grass", "trainer.precision=bf16-true", "method.master_weights=false"]},
     {"arc_easy": None, "piqa": 300},
-    (("bf16_masters", "fp32"), ("bf16_pure", "fp32"), ("bf16_masters", "bf16_pure")))
+    (("bf16_masters", "fp32"), ("bf16_pure", "fp32"), ("bf16_masters", "bf16_pure")), test_before=True)
 COMPARISONS = {c.name: c for c in (COMMONSENSE, PRECISION)}
 
 
@@ -180,6 +186,7 @@ def run_comparison(study: Comparison, args: argparse.Namespace) -> None:
             common = ["experiment=smollm2_commonsense", f"trainer.max_steps={args.steps}",
                       f"method.sampling_period={args.period}", f"method.refresh_interval={args.period}",
                       "trainer.enable_progress_bar=false", *_variant_overrides(overrides, args.period), f"seed={seed}",
+                      *(["test_before=true"] if study.test_before else []),
                       f"hydra.sweep.dir={args.out / label}", "hydra.sweep.subdir=${data.source}_seed${seed}", *args.overrides]
             todo = [name for name in study.sets if not (args.out / label / f"{name}_seed{seed}" / "metrics.json").is_file()]
             groups = [[n for n in todo if study.sets[n] is None]] + [[n] for n in todo if study.sets[n] is not None]
@@ -191,21 +198,42 @@ def run_comparison(study: Comparison, args: argparse.Namespace) -> None:
 
 
 def summarise_comparison(study: Comparison, out: Path, score: str | None) -> str:
-    """Per set and over the sets' mean (per seed, then mean ± std over seeds), with paired differences."""
-    runs = {}  # label -> set -> seed -> score
+    """Per set and over the sets' mean (per seed, then mean ± std over seeds), with paired
+    differences; with the scores before training, the same for each variant's gain."""
+    runs, before = {}, {}  # label -> set -> seed -> score (after, before training)
     for label in study.variants:
         for path in sorted((out / label).glob("*_seed*/metrics.json")):
             metrics = json.loads(path.read_text())
             name, seed = path.parent.name.rsplit("_seed", 1)
-            runs.setdefault(label, {}).setdefault(name, {})[int(seed)] = metrics["scores"][score or metrics["score_name"]]
+            key = score or metrics["score_name"]
+            runs.setdefault(label, {}).setdefault(name, {})[int(seed)] = metrics["scores"][key]
+            if metrics.get("scores_before"):
+                before.setdefault(label, {}).setdefault(name, {})[int(seed)] = metrics["scores_before"][key]
     sets = [name for name in study.sets if all(name in runs.get(label, {}) for label in study.variants)]
     if not sets:
         raise FileNotFoundError(f"{out}: no set has finished runs of every variant {list(study.variants)} yet.")
     seeds = sorted(set.intersection(*(set(runs[label][name]) for label in study.variants for name in sets)))
+    title = f"{score or 'headline score'}, mean ± std over seeds {seeds}; the mean of the sets is taken per seed first."
+    lines, mean = _comparison_table(study, runs, sets, seeds, title)
+    if all(s in before.get(label, {}).get(name, {}) for label in study.variants for name in sets for s in seeds):
+        gains = {label: {name: {s: runs[label][name][s] - before[label][name][s] for s in seeds} for name in sets}
+                 for label in study.variants}
+        for table, what in ((before, "before training"), (gains, "gain, after − before training")):
+            lines += ["", *_comparison_table(study, table, sets, seeds, f"{what}, mean ± std over seeds {seeds}.")[0]]
+    table = "\n".join(lines) + "\n"
+    suffix = f"_{score}" if score else ""
+    (out / f"{study.name}{suffix}.md").write_text(table)  # not summary.md: gather writes that, per run
+    (out / f"{study.name}{suffix}.json").write_text(json.dumps({"sets": sets, "seeds": seeds, "runs": runs, "before": before,
+                                                                 "mean": mean}, indent=1))
+    return table
+
+
+def _comparison_table(study: Comparison, runs: dict, sets: list[str], seeds: list[int], title: str):
+    """Markdown lines: each variant per set and over the sets' mean, then the study's paired
+    differences seed by seed; and the per-seed means of the sets."""
     mean = {label: {s: statistics.fmean(runs[label][name][s] for name in sets) for s in seeds} for label in study.variants}
     header = ["variant", *sets, f"mean of {len(sets)}"]
-    lines = [f"{score or 'headline score'}, mean ± std over seeds {seeds}; the mean of the sets is taken per seed first.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label in study.variants:
         cells = [_spread([runs[label][name][s] for s in seeds]) for name in sets]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_spread(list(mean[label].values()))} |")
@@ -214,11 +242,7 @@ def summarise_comparison(study: Comparison, out: Path, score: str | None) -> str
     for a, b in study.pairs:
         diffs = [mean[a][s] - mean[b][s] for s in seeds]
         lines.append(f"| {a} − {b} | " + " | ".join(f"{d:+.4f}" for d in diffs) + f" | {_spread(diffs, signed=True)} |")
-    table = "\n".join(lines) + "\n"
-    suffix = f"_{score}" if score else ""
-    (out / f"{study.name}{suffix}.md").write_text(table)  # not summary.md: gather writes that, per run
-    (out / f"{study.name}{suffix}.json").write_text(json.dumps({"sets": sets, "seeds": seeds, "runs": runs, "mean": mean}, indent=1))
-    return table
+    return lines, mean
 
 
 def read_run(run_dir: Path, damaged: set[int], checkpoints: list[int]) -> dict:
