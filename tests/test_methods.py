@@ -1,6 +1,8 @@
 """The methods as conf/method builds them: LISA as published, LISA's choice with GRASS's settings,
 and BAdam by its own package under GrassModule."""
 
+import argparse
+
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -69,6 +71,21 @@ def test_badam_trains_one_block_at_a_time_by_its_own_optimizer(tmp_path, mode):
     assert sorted(order) == [0, 1, 2, 3] and (order == [0, 1, 2, 3] or mode == "random")
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert all(n.startswith("model.layers.") for n in changed) and len(changed) == 4 * 9  # embeddings, norm, head frozen
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_badam_groups_carry_the_configured_weight_decay_not_adamws_default(tmp_path, weight_decay):
+    """BAdam's groups take their settings from the base optimizer's defaults, whose weight decay is
+    AdamW's 0.01 unless given: without care every run decayed by 0.01 whatever optim says."""
+    pytest.importorskip("badam")
+    method = _built(tmp_path, "method=badam")
+    model = tiny_hf("llama")
+    module = GrassModule(model, _NextToken(), OptimConfig(lr=1e-3, weight_decay=weight_decay), method.wrap_optimizer)
+    module.trainer = argparse.Namespace(max_steps=4)
+    [optimizer], _ = module.configure_optimizers()
+    groups = optimizer.base_optimizer.param_groups
+    assert groups[0]["params"]  # the active block (the tiny Llama has no biases: the second group is empty)
+    assert [group["weight_decay"] for group in groups] == [weight_decay, weight_decay]
 
 
 def test_badam_settings_are_checked_before_any_model_loads(tmp_path):

@@ -144,6 +144,9 @@ class Badam(Method):
             prefixes.append([n for n in outside if "embed" in n])
         if self.include_lm_head:
             prefixes.append([n for n in outside if "embed" not in n])
+        # BAdam builds its groups as {"weight_decay": wd, **base.defaults}: the defaults win, and AdamW's
+        # default is 0.01. Its examples pass weight_decay to AdamW itself; so do we, the configured one.
+        optimizer.defaults["weight_decay"] = optimizer.param_groups[0]["weight_decay"]
         # its random order comes from torch's global generator, seeded with the run
         return ClosureFirst(optimizer, list(model.named_parameters()), block_prefix_list=prefixes,
                             switch_block_every=self.switch_block_every, switch_mode=self.switch_mode, verbose=0)
