@@ -21,7 +21,8 @@ KNOWN_BLOCK_PATHS = (
     "gpt_neox.layers",  # GPT-NeoX
     "model.decoder.layers",  # OPT
     "decoder.layers",
-    "encoder.layer",  # BERT, RoBERTa (base models and *For* heads as bert./roberta.encoder.layer)
+    "encoder.layer",  # BERT, RoBERTa, ELECTRA, DeBERTa (base models and *For* heads as bert./roberta.encoder.layer)
+    "transformer.layer",  # DistilBERT (distilbert.transformer.layer)
 )
 
 

@@ -35,6 +35,9 @@ FAMILIES = {
     "roberta": ("RobertaConfig", "RobertaForSequenceClassification",
                 dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
                      num_attention_heads=2, max_position_embeddings=40, num_labels=2), "roberta.encoder.layer"),
+    "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
+                   dict(vocab_size=VOCAB, dim=16, hidden_dim=32, n_layers=4, n_heads=2, max_position_embeddings=32,
+                        num_labels=2), "distilbert.transformer.layer"),
 }
 
 
