@@ -88,6 +88,25 @@ def test_badam_groups_carry_the_configured_weight_decay_not_adamws_default(tmp_p
     assert [group["weight_decay"] for group in groups] == [weight_decay, weight_decay]
 
 
+@pytest.mark.parametrize("include_lm_head", [False, True])
+def test_badam_trains_a_classifiers_new_head_in_every_step(tmp_path, data_files, include_lm_head):
+    """A classifier's head starts random; one block at a time (or the head as one more block, trained
+    1/(L+1) of the time) left it so and BAdam scored about chance."""
+    pytest.importorskip("badam")
+    import grass_lightning.app.run as run
+
+    cfg = compose_run(tmp_path, "model=tiny_bert", "data=jsonl", f"data.path={data_files['classification']}",
+                      "method=badam", "method.switch_block_every=1", f"method.include_lm_head={include_lm_head}",
+                      "trainer.max_steps=3")
+    objects = run.assemble(cfg)
+    head = {n: p.detach().clone() for n, p in objects.module.model.named_parameters()
+            if n.startswith(("classifier.", "bert.pooler."))}
+    objects.trainer.fit(objects.module, datamodule=objects.datamodule)
+    changed = {n for n, p in objects.module.model.named_parameters() if n in head and not torch.equal(p, head[n])}
+    assert changed == set(head)  # every step trains the head, whichever block is drawn
+    assert objects.trainer.optimizers[0].active_param_prefixs[-len(head):] == list(head)
+
+
 def test_badam_settings_are_checked_before_any_model_loads(tmp_path):
     pytest.importorskip("badam")
     with pytest.raises(ValueError, match=r"method\.switch_mode='fixed' is not one of 'random', 'ascending', 'descending'"):

@@ -102,7 +102,8 @@ class Badam(Method):
 
     The blocks are the model's transformer blocks (what BAdam infers for Llama-style models,
     found here for any model `find_blocks` knows); ``include_embedding``/``include_lm_head`` add
-    those as blocks of their own, as in BAdam. A BAdam run cannot resume from a checkpoint.
+    those as blocks of their own, as in BAdam. A classifier's new head trains in every step
+    (BAdam's ``active_modules``). A BAdam run cannot resume from a checkpoint.
     """
 
     SETTINGS = ("switch_block_every", "switch_mode", "include_embedding", "include_lm_head", "blocks")
@@ -140,16 +141,30 @@ class Badam(Method):
         layout = find_blocks(model, self.blocks)
         prefixes = [[f"{layout.path}.{i}."] for i in range(len(layout))]
         outside = [n for n, _ in model.named_parameters() if not n.startswith(f"{layout.path}.")]
+        task_head = _task_head(model, layout)
         if self.include_embedding:
             prefixes.append([n for n in outside if "embed" in n])
-        if self.include_lm_head:
-            prefixes.append([n for n in outside if "embed" not in n])
+        rest = [n for n in outside if "embed" not in n and n not in task_head]
+        if self.include_lm_head and rest:
+            prefixes.append(rest)
         # BAdam builds its groups as {"weight_decay": wd, **base.defaults}: the defaults win, and AdamW's
         # default is 0.01. Its examples pass weight_decay to AdamW itself; so do we, the configured one.
         optimizer.defaults["weight_decay"] = optimizer.param_groups[0]["weight_decay"]
         # its random order comes from torch's global generator, seeded with the run
         return ClosureFirst(optimizer, list(model.named_parameters()), block_prefix_list=prefixes,
-                            switch_block_every=self.switch_block_every, switch_mode=self.switch_mode, verbose=0)
+                            switch_block_every=self.switch_block_every, switch_mode=self.switch_mode,
+                            active_modules=task_head, verbose=0)
+
+
+def _task_head(model: nn.Module, layout) -> list[str]:
+    """The parameters of a classifier's head (pooler, classifier or score, final norm), which BAdam
+    trains in every step (its ``active_modules``): the head starts random and a block-at-a-time
+    schedule would leave it so. A language model's head is pretrained: none."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    if get_output is None or get_output() is not None:
+        return []
+    head = set(map(id, layout.head)) - set(map(id, layout.embeddings))
+    return [n for n, p in model.named_parameters() if id(p) in head]
 
 
 def build_method(config: DictConfig | dict, seed: int) -> Method:
