@@ -57,8 +57,22 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("`export_dtype=float64`", ["export_dtype=float64"]),
         ("`trainer.max_steps=-1`", ["trainer.max_steps=-1"]),
         ("`optim.lr=0`", ["optim.lr=0"]),
-        ("every loss NaN (`data.max_length=1`, a causal LM)", [*smollm2, "data.max_length=1"]),
+        ("`data.max_length=1`, a causal LM", [*smollm2, "data.max_length=1"]),
+        ("`data.max_length=0`", ["data.max_length=0"]),
+        ("`data.max_length` shorter than an answer", [*smollm2, "data.max_length=3"]),
+        ("`seed=abc`", ["seed=abc"]),
+        ("`data.path` at a directory", ["data=jsonl", f"data.path={tmp}"]),
+        ("a JSONL file that starts with a byte-order mark (reads)", ["model=smollm2", "data=jsonl",
+                                                                     f"data.path={_bom_file(tmp)}", "trainer.max_steps=1",
+                                                                     "test_before=false", "export=false"]),
     ]
+
+
+def _bom_file(tmp: Path) -> Path:
+    path = tmp / "bom.jsonl"
+    rows = [{"question": f"Pick {i % 3}:", "choices": ["zero", "one", "two"], "label": i % 3} for i in range(40)]
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return path
 
 
 def _mc_file(tmp: Path) -> Path:

@@ -97,6 +97,14 @@ def test_jsonl_errors_name_the_file_and_line(tmp_path):
         read_jsonl(shapeless)
 
 
+def test_a_jsonl_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Spreadsheet exports start with a UTF-8 byte-order mark, which json.loads refuses."""
+    rows = [{"text": "x", "label": "pos"}, {"text": "y", "label": "neg"}]
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + write_jsonl(tmp_path / "plain.jsonl", rows).read_bytes())
+    assert read_jsonl(marked) == read_jsonl(tmp_path / "plain.jsonl")
+
+
 def test_jsonl_files_that_cannot_train_are_refused_with_the_reason(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")

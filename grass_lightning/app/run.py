@@ -132,6 +132,8 @@ def assemble(cfg: DictConfig) -> RunObjects:
     if cfg.export_lora not in EXPORT_LORA:
         raise ValueError(f"export_lora={cfg.export_lora!r} is not one of {EXPORT_LORA}.")
     check_export_dtype(cfg.export_dtype)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed={cfg.seed!r} must be an integer.")
     optim = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
     method = build_method(cfg.method, seed=cfg.seed)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -146,7 +148,7 @@ def assemble(cfg: DictConfig) -> RunObjects:
         if OmegaConf.is_missing(cfg.data, key):
             raise ValueError(f"data.{key} is not set: give it on the command line (data=jsonl needs data.path=/path/to/file.jsonl).")
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    for key in ("batch_size", "eval_batch_size"):
+    for key in ("batch_size", "eval_batch_size", "max_length"):
         if isinstance(data[key], bool) or not isinstance(data[key], int) or data[key] < 1:
             raise ValueError(f"data.{key}={data[key]!r} must be an integer >= 1.")
     records = _read_records(cfg.data.records)

@@ -152,7 +152,7 @@ def read_jsonl(path: str | Path, labels: list[str] | None = None, prompt_templat
     (`grass_lightning.app.tasks.ResponseModeling`); their loss covers the assistant turns.
 
     Raises:
-        FileNotFoundError: if ``path`` does not exist.
+        FileNotFoundError: if ``path`` does not exist; IsADirectoryError if it is a directory.
         ValueError: naming the file, for a file without examples or a classification file with
             a single label; naming file and line, for malformed JSON, a line of another shape, a
             label outside the choices, a multiple-choice label that is not an integer index, an
@@ -162,10 +162,12 @@ def read_jsonl(path: str | Path, labels: list[str] | None = None, prompt_templat
     if not path:
         raise ValueError("data.path is empty: data=jsonl needs data.path=/path/to/file.jsonl.")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"data.path={str(path)!r} is a directory: give the JSONL file in it.")
     if not path.is_file():
         raise FileNotFoundError(f"data.path={str(path)!r}: no such file.")
     rows, shape = [], None
-    with path.open(encoding="utf-8") as lines:
+    with path.open(encoding="utf-8-sig") as lines:  # -sig: spreadsheet exports start with a byte-order mark
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
