@@ -25,9 +25,13 @@ def _saved_bytes(loss_fn) -> tuple[torch.Tensor, int]:
     return loss, sum(saved)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
-def test_recomputed_frozen_blocks_save_less_and_give_the_same_gradients(family):
-    model = tiny_hf(family).train()
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "opt"])
+def test_recomputed_frozen_blocks_save_less_and_give_the_same_gradients(family, mode):
+    """In eval mode too: transformers checkpoints a layer only in training mode, and a model left in
+    eval mode (as transformers 5 loads it) kept every activation. Eval-mode dropout stays off (OPT's
+    layers read their own ``training`` for it): the gradients equal the plain ones."""
+    model = tiny_hf(family).train(mode == "train")
     layout = find_blocks(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -51,6 +55,7 @@ def test_recomputed_frozen_blocks_save_less_and_give_the_same_gradients(family):
     torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
     for a, b in zip(taken, plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(module.training == (mode == "train") for module in model.modules())
     recompute.remove()
     assert grads()[1] == plain_saved
 
@@ -67,6 +72,75 @@ def test_a_plain_pytorch_block_is_wrapped_and_unwrapped():
     assert all("forward" not in vars(block) for block in blocks)
     _, plain = _saved_bytes(lambda: model(x).sum())
     assert wrapped < plain
+
+
+def test_a_blocks_own_instance_forward_is_recomputed_and_kept():
+    """accelerate's hooks install ``forward`` on the instance; the class's forward bypassed it and
+    switching off deleted it for good."""
+    model = ScaledBlocks()
+    block = model.body.layers[1]
+    plain = block.forward
+    block.forward = lambda h: 2 * plain(h)  # what a hook would do
+    hooked = block.forward
+    x = torch.randn(3, 4)
+    expected = model(x)
+    recompute = BlockRecompute(model.body.layers)
+    recompute.set({1})
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    recompute.remove()
+    assert vars(block)["forward"] is hooked
+
+
+class _DropoutBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.dropout = torch.nn.Linear(8, 8), torch.nn.Dropout(0.5)
+
+    def forward(self, h, scale=None):
+        return self.dropout(self.linear(h)) * scale
+
+
+def _keyword_grads(device: str, recompute: bool) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([_DropoutBlock(), _DropoutBlock()]).to(device)
+    if recompute:
+        BlockRecompute(blocks).set({0, 1})
+    h = torch.randn(4, 8, device=device)
+    scale = torch.full((8,), 2.0, device=device, requires_grad=True)
+    torch.manual_seed(1)
+    for block in blocks:
+        h = block(h=h, scale=scale)  # every tensor by keyword
+    h.square().sum().backward()
+    return [scale.grad, *(p.grad for p in blocks.parameters())]
+
+
+def _assert_keyword_call_replays_dropout(device: str) -> None:
+    for a, b in zip(_keyword_grads(device, True), _keyword_grads(device, False)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_block_called_by_keyword_replays_its_dropout_masks_in_backward():
+    _assert_keyword_call_replays_dropout("cpu")
+
+
+def test_keyword_tensors_reach_the_checkpoints_device_rng_bookkeeping(monkeypatch):
+    """On CPU the masks replay anyway (torch always saves the CPU RNG state); on a GPU only the
+    devices of positional tensors get theirs saved. What is checked here on CPU is that the
+    keyword tensors are among those torch looks at."""
+    import torch.utils.checkpoint as checkpoint
+
+    looked_at, real = [], checkpoint._infer_device_type  # reads the tensors whose devices get RNG states saved
+    monkeypatch.setattr(checkpoint, "_infer_device_type", lambda *args: looked_at.append(args) or real(*args))
+    block = _DropoutBlock()
+    BlockRecompute([block]).set({0})
+    h, scale = torch.randn(4, 8, requires_grad=True), torch.ones(8)
+    block(h=h, scale=scale).sum().backward()
+    assert any(any(a is h for a in args) and any(a is scale for a in args) for args in looked_at)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: torch saves the CUDA RNG state per device of positional arguments")
+def test_a_block_called_by_keyword_replays_its_dropout_masks_in_backward_on_cuda():
+    _assert_keyword_call_replays_dropout("cuda")
 
 
 def test_a_model_with_gradient_checkpointing_on_is_left_alone():
