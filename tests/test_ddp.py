@@ -26,6 +26,10 @@ def test_two_ranks_train_the_same_blocks_and_end_with_the_same_weights(strategy,
     buckets, trained, every = map(int, re.search(r"ddp bucket bytes (\d+) trained bytes (\d+) parameter bytes (\d+)",
                                                    done.stdout).groups())
     assert 0 < buckets == trained < every
+    # re-wraps at the probe's start and end, each draw and the hand-picked set; the weights are equal on
+    # every rank already, so none broadcasts them (each did, every parameter and buffer, before)
+    rewraps, broadcast = map(int, re.search(r"rewraps (\d+) seconds \S+ broadcast bytes (\d+)", done.stdout).groups())
+    assert rewraps >= 5 and broadcast == 0
 
 
 @pytest.mark.slow

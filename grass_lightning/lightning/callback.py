@@ -185,7 +185,6 @@ class GrassCallback(Callback):
         if self._saved_state is not None:
             self.schedule.load_state_dict(self._saved_state)
         self.schedule.start()
-        self._ddp_buckets.fit(trainer.strategy)
         self._lr_before_probe = None
 
     @override
@@ -202,6 +201,9 @@ class GrassCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        # Before every forward, whatever changed the trainable set since the last (a draw, the probe's
+        # end, `GrassSchedule.activate`, a state loaded mid-fit): DDP buckets for what this step trains.
+        self._ddp_buckets.resize(trainer.strategy)
         if self.schedule is not None and self.schedule.probing and self._lr_before_probe is None:
             self._lr_before_probe = [
                 (copy.deepcopy(config.scheduler.state_dict()), [g["lr"] for g in config.scheduler.optimizer.param_groups])
@@ -217,7 +219,6 @@ class GrassCallback(Callback):
         if probing:
             self._hold_lr(trainer)
         self.schedule.end_step()
-        self._ddp_buckets.fit(trainer.strategy)  # buckets for the next step's trainable set
         self.last_step = "probe" if probing else ",".join(map(str, trained))
         self._log(pl_module, probing, trained)
 
@@ -236,6 +237,7 @@ class GrassCallback(Callback):
     def _uninstall(self, trainer: Trainer) -> None:
         """Leave the model and Trainer as the user had them; keep the schedule's state for `state_dict`."""
         self._remove_keep_fp32()
+        self._ddp_buckets.release()
         if self.schedule is not None:
             self._saved_state = self.schedule.state_dict()
             self.schedule.close()

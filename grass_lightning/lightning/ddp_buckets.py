@@ -4,10 +4,11 @@ DDP sizes its all-reduce buckets when it wraps the model, for every parameter th
 gradient then, and all-reduces whole buckets every step (a frozen parameter's share as zeros).
 Lightning wraps before training starts, when every block still requires one, so under plain DDP
 a GRASS run would hold a full fine-tuning's worth of gradient buckets (4 bytes per fp32
-parameter) and send them all every step. Re-wrapping, by Lightning's own `configure_ddp`, after
-each change of the trainable set (the probe's start and end, a draw, a re-probe step) gives
-buckets the size of what trains. Each wrap broadcasts the weights from rank 0; they are equal on
-every rank already (every rank applies the same all-reduced gradients), so only time is spent.
+parameter) and send them all every step. Re-wrapping, by Lightning's own `configure_ddp`, before
+any step whose trainable set differs from the last wrap's (the probe's start and end, a draw, a
+re-probe step, an active set given by hand or loaded from a checkpoint) gives buckets the size
+of what trains. A re-wrap skips DDP's broadcast of the weights from rank 0 (``init_sync=False``):
+Lightning's first wrap made them equal, and every rank applies the same all-reduced gradients.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class DDPBuckets:
         self._wrapper: DistributedDataParallel | None = None
         self._wrapped_for: frozenset[int] = frozenset()
 
-    def fit(self, strategy: Strategy) -> bool:
+    def resize(self, strategy: Strategy) -> bool:
         """Re-wrap if the trainable set changed since the last wrap; whether it did."""
         if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.model, DistributedDataParallel):
             return False
@@ -35,6 +36,19 @@ class DDPBuckets:
         if strategy.model is self._wrapper and trainable == self._wrapped_for:
             return False
         strategy.model = module  # unwrapped: configure_ddp wraps a LightningModule
-        strategy.configure_ddp()
+        kwargs = strategy._ddp_kwargs  # Lightning passes these to DistributedDataParallel
+        had, kwargs["init_sync"] = kwargs.get("init_sync"), False
+        try:
+            strategy.configure_ddp()
+        finally:
+            if had is None:
+                del kwargs["init_sync"]
+            else:
+                kwargs["init_sync"] = had
         self._wrapper, self._wrapped_for = strategy.model, trainable
         return True
+
+    def release(self) -> None:
+        """Drop the last wrapper: its gradient buckets, the module and the trainer stay alive
+        through it after fit (the strategy unwraps at teardown)."""
+        self._wrapper, self._wrapped_for = None, frozenset()
