@@ -67,6 +67,20 @@ def test_badam_runs_from_the_config_and_trains_one_block(tmp_path, data_files):
 
 
 @pytest.mark.slow
+def test_the_logged_learning_rate_is_the_one_each_step_ran_at_held_through_the_probe(tmp_path, data_files):
+    """GrassModule logged the scheduler's LR after stepping it: during the probe, the value the
+    callback then undid."""
+    cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
+                      "method.probe_steps=2", "optim.warmup_steps=4", "optim.lr=1e-3", "export=false",
+                      "test_before=false")
+    run.train(cfg)
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    logged = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
+    warm_up = [1e-3 * (step + 1) / 5 for step in range(4)]  # (step + 1) / (warmup_steps + 1) of the peak
+    assert logged == pytest.approx([warm_up[0], warm_up[0], *warm_up])  # two probe steps, then the 4 updates
+
+
+@pytest.mark.slow
 def test_grass_logs_importance_and_active_set_to_csv(tmp_path, data_files):
     cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
                       "method.probe_steps=1", "method.sampling_period=2", "method.refresh_interval=2")

@@ -432,6 +432,55 @@ def test_probe_steps_hold_a_users_warmup_schedule_in_automatic_optimization():
     assert lrs[0] == lrs[3] == pytest.approx([1e-2 * min(1.0, (s + 1) / 4) for s in range(6)])
 
 
+def test_probe_steps_hold_a_plateau_scheduler_that_lightning_steps_after_the_batch():
+    """Lightning steps ReduceLROnPlateau (interval "step") after on_train_batch_end, where the
+    hold used to be: every probe step halved the learning rate of the first update."""
+
+    class Plateau(HFModule):
+        def training_step(self, batch, batch_idx):
+            self.log("flat", 1.0)  # never improves: each step past the patience halves the LR
+            return super().training_step(batch, batch_idx)
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+            return [optimizer], [{"scheduler": plateau, "interval": "step", "monitor": "flat"}]
+
+    class LR(Callback):
+        def __init__(self):
+            self.lrs = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    firsts = {}
+    for probe in (0, 3):
+        grass = GrassCallback(num_active=2, probe_steps=probe, seed=0, sampler="grass" if probe else "uniform")
+        seen = LR()
+        quiet_trainer(max_steps=3, callbacks=[grass, seen]).fit(Plateau(), token_loader())
+        firsts[probe] = seen.lrs[probe:]
+    assert firsts[3] == firsts[0] == pytest.approx([1e-2, 1e-2, 5e-3])
+
+
+def test_a_run_bounded_by_max_epochs_alone_gets_all_its_updates_after_the_probe():
+    grass = GrassCallback(num_active=2, probe_steps=3, seed=0)
+    spy = Spy(grass)
+    trainer = quiet_trainer(max_steps=-1, max_epochs=2, callbacks=[grass, spy])
+    trainer.fit(HFModule("llama"), token_loader(n_batches=5))
+    assert [s["probing"] for s in spy.steps] == [True] * 3 + [False] * 10  # 2 epochs of 5 updates
+    assert trainer.global_step == 13 and (trainer.max_steps, trainer.max_epochs) == (-1, 2)  # given back
+
+
+def test_max_steps_zero_trains_nothing_not_even_a_probe():
+    grass = GrassCallback(num_active=2, probe_steps=2, seed=0)
+    module = HFModule("llama")
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = quiet_trainer(max_steps=0, callbacks=[grass])
+    trainer.fit(module, token_loader())
+    assert trainer.global_step == 0 and trainer.max_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
 def test_reprobe_steps_in_a_lightning_fit_train_the_active_set_and_refresh_every_block():
     grass = GrassCallback(num_active=1, sampling_period=3, refresh_interval=3, probe_steps=2, reprobe_steps=1, seed=0)
     spy = Spy(grass)

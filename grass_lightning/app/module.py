@@ -112,6 +112,7 @@ class GrassModule(LightningModule):
         last_of_epoch = batch_idx + 1 == self.trainer.num_training_batches
         if (batch_idx + 1) % self.hparams.accumulate_grad_batches == 0 or last_of_epoch:
             finite, self._finite = self._finite, None
+            lr = lr_scheduler.get_last_lr()[0]  # what this step runs at (GRASS holds it through the probe)
             if self._gradients_finite(finite):
                 optimizer.step()
                 lr_scheduler.step()
@@ -121,6 +122,7 @@ class GrassModule(LightningModule):
                 self._nonfinite_in_a_row += 1
             optimizer.zero_grad(set_to_none=True)
             self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+            self.log("train/lr", lr)
             if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
                 raise FloatingPointError(
                     f"{self._nonfinite_in_a_row} optimizer steps in a row had a NaN or Inf loss or gradient "
@@ -130,7 +132,6 @@ class GrassModule(LightningModule):
                     f"high (optim.lr), or fp16 overflow (use bf16)."
                 )
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", lr_scheduler.get_last_lr()[0])
         return loss
 
     def _gradients_finite(self, losses_finite: torch.Tensor) -> bool:

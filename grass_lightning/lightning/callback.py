@@ -21,15 +21,19 @@ re-wrapped whenever the trainable set changes, so gradient buckets hold only wha
 
 Probe steps are optimizer steps to Lightning (``global_step`` counts them) but not updates: the
 callback extends ``max_steps`` by ``probe_steps`` for the fit, so ``max_steps`` counts updates
-as it does for LISA or full fine-tuning, and it holds the LR schedulers where they were during
-the probe, so the first update runs at the schedule's first learning rate (its warm-up intact).
-When fit ends or raises, the model gets back its ``requires_grad`` flags, no hooks stay on it,
-parked moments return to the optimizer, and the Trainer gets back its ``max_steps``.
+as it does for LISA or full fine-tuning (``max_steps=0`` stays 0: no probe). A run bounded by
+``max_epochs`` alone is bounded by its step count plus the probe's instead, with the epochs
+that takes. The callback holds the LR schedulers where they were during the probe (those
+Lightning steps after the batch, such as ``ReduceLROnPlateau``, are undone before the next),
+so the first update runs at the schedule's first learning rate (its warm-up intact). When fit
+ends or raises, the model gets back its ``requires_grad`` flags, no hooks stay on it, parked
+moments return to the optimizer, and the Trainer gets back its ``max_steps`` and ``max_epochs``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
@@ -97,6 +101,7 @@ class GrassCallback(Callback):
         self._saved_state: dict | None = None
         self._stepped = False
         self._user_max_steps: int | None = None  # the Trainer's, given back when fit ends
+        self._user_max_epochs: int | None = None
         self._lr_before_probe: list[tuple[dict, list[float]]] | None = None
         self._ddp_buckets = DDPBuckets()
         self._keep_fp32: list = []  # load hooks from fit start to train start (see `keep_fp32_state`)
@@ -147,16 +152,15 @@ class GrassCallback(Callback):
         half = bool(dtypes & set(HALF))
         if half and self.config.master_weights:  # Lightning restores optimizer state before on_train_start
             self._keep_fp32 = [handle for opt in trainer.optimizers for handle in keep_fp32_state(opt)]
-        if trainer.max_steps >= 0 and self.config.probe_steps:
-            self._user_max_steps = trainer.max_steps
-            trainer.fit_loop.epoch_loop.max_steps = trainer.max_steps + self.config.probe_steps
+        if self.config.probe_steps:
+            self._extend_for_the_probe(trainer)
         tied = layout.tied() and self.config.train_embeddings != self.config.train_head
         offload = _offload_mode(trainer)
         rank_zero_info(
             f"GRASS: {len(layout)} blocks at {layout.path!r}, training {self.config.num_active} at a time "
             f"(sampler={self.config.sampler!r}, probe_steps={self.config.probe_steps}, offload={offload!r})."
-            + (f" The {self.config.probe_steps} probe steps come before the {self._user_max_steps} updates: "
-               f"training ends at global step {trainer.max_steps}." if self._user_max_steps is not None else "")
+            + (f" The {self.config.probe_steps} probe steps come before the {trainer.max_steps - self.config.probe_steps} "
+               f"updates: training ends at global step {trainer.max_steps}." if self._user_max_steps is not None else "")
             + (" The LM head is the input embedding matrix (tied), so it trains only with train_embeddings=True "
                "and train_head=True." if tied else "")
             + (f" Weights in {_dtype_name(dtypes)}: "
@@ -204,6 +208,10 @@ class GrassCallback(Callback):
         # Before every forward, whatever changed the trainable set since the last (a draw, the probe's
         # end, `GrassSchedule.activate`, a state loaded mid-fit): DDP buckets for what this step trains.
         self._ddp_buckets.resize(trainer.strategy)
+        if self._lr_before_probe is not None:  # after a probe step: undo schedulers stepped after the
+            self._hold_lr(trainer)              # batch's end (ReduceLROnPlateau, an epoch's end)
+            if not self.schedule.probing:
+                self._lr_before_probe = None
         if self.schedule is not None and self.schedule.probing and self._lr_before_probe is None:
             self._lr_before_probe = [
                 (copy.deepcopy(config.scheduler.state_dict()), [g["lr"] for g in config.scheduler.optimizer.param_groups])
@@ -245,6 +253,25 @@ class GrassCallback(Callback):
         if self._user_max_steps is not None:
             trainer.fit_loop.epoch_loop.max_steps = self._user_max_steps
             self._user_max_steps = None
+        if self._user_max_epochs is not None:
+            trainer.fit_loop.max_epochs = self._user_max_epochs
+            self._user_max_epochs = None
+
+    def _extend_for_the_probe(self, trainer: Trainer) -> None:
+        """Add the probe's steps to the fit, so that they take no update from it."""
+        loop, probe = trainer.fit_loop, self.config.probe_steps
+        if trainer.max_steps > 0:
+            self._user_max_steps = trainer.max_steps
+            loop.epoch_loop.max_steps = trainer.max_steps + probe
+        elif trainer.max_steps == -1 and (trainer.max_epochs or 0) > 0:
+            total = trainer.estimated_stepping_batches  # the optimizer steps max_epochs makes
+            if math.isinf(total):
+                rank_zero_warn(f"GrassCallback: a run bounded by max_epochs over data of unknown length: the probe's "
+                               f"{probe} steps come out of its updates. Set max_steps to count updates.")
+                return
+            self._user_max_steps, self._user_max_epochs = trainer.max_steps, trainer.max_epochs
+            loop.epoch_loop.max_steps = int(total) + probe
+            loop.max_epochs = trainer.max_epochs + math.ceil(probe / max(1, int(total) // trainer.max_epochs))
 
     def _remove_keep_fp32(self) -> None:
         for handle in self._keep_fp32:
