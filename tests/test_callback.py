@@ -241,10 +241,16 @@ def test_importance_probabilities_and_active_set_are_logged_against_the_step_the
 
 
 def test_the_grass_bar_says_probe_while_probing():
-    grass = GrassCallback(num_active=2, probe_steps=3, seed=0)
-    trainer = quiet_trainer(max_steps=-1, max_epochs=1, limit_train_batches=2, callbacks=[grass])
-    trainer.fit(HFModule("llama"), token_loader())
-    assert GrassProgressBar().get_metrics(trainer, trainer.lightning_module)["active"] == "probe"
+    class Shown(Callback):
+        def __init__(self):
+            self.shown = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.shown.append(GrassProgressBar().get_metrics(trainer, pl_module)["active"])
+
+    grass, shown = GrassCallback(num_active=2, probe_steps=3, seed=0), Shown()
+    quiet_trainer(max_steps=2, callbacks=[grass, shown]).fit(HFModule("llama"), token_loader())
+    assert shown.shown[:3] == ["probe"] * 3 and all("," in s for s in shown.shown[3:]) and len(shown.shown) == 5
 
 
 def _run_grass(tmp_path, max_steps, ckpt_path=None, checkpoints=False, strategy="auto", idle_moments="drop",

@@ -174,9 +174,13 @@ def test_nonfinite_steps_that_are_not_in_a_row_do_not_stop_the_run():
 
 
 @pytest.mark.slow
-def test_max_length_too_short_for_any_target_stops_the_app_early(tmp_path):
+def test_nonfinite_steps_in_a_row_stop_the_app_early(tmp_path, monkeypatch):
+    from grass_lightning.app.tasks import ChoiceScoring
+
+    real = ChoiceScoring.loss
+    monkeypatch.setattr(ChoiceScoring, "loss", lambda self, model, batch: real(self, model, batch) * float("nan"))
     data = write_jsonl(tmp_path / "mc.jsonl", choice_rows())
-    cfg = compose_run(tmp_path / "run", "model=tiny_llama", "data=jsonl", f"data.path={data}", "data.max_length=1",
+    cfg = compose_run(tmp_path / "run", "model=tiny_llama", "data=jsonl", f"data.path={data}",
                       "method.probe_steps=1", "optim.max_nonfinite_steps=4", "trainer.max_steps=3", "test_before=false")
     with pytest.raises(FloatingPointError, match=r"4 optimizer steps in a row"):
         run.train(cfg)
