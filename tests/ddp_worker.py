@@ -7,6 +7,7 @@ Prints the most bytes the buckets held in a step against the most a step trained
 re-wraps cost: their number, seconds and the bytes they broadcast."""
 
 import gc
+import json
 import sys
 import time
 import weakref
@@ -85,7 +86,32 @@ class RanksAgree(Callback):
             self.host_bytes = max(self.host_bytes, schedule.offloader.host_bytes())
 
 
-if __name__ == "__main__":
+class SplitMicroBatches(HFModule):
+    """Four micro-batches of 8 token rows, split evenly over the ranks in order: one process reads
+    all four in one step, two read two each."""
+
+    def train_dataloader(self):
+        rows = torch.randint(0, 64, (32, 12), generator=torch.Generator().manual_seed(3))
+        per_rank = 32 // self.trainer.world_size
+        mine = rows[self.trainer.global_rank * per_rank:][:per_rank]
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(mine.repeat(2, 1)), batch_size=8)
+
+
+def probe_readings(devices: int) -> list[float]:
+    """Importance after a one-step probe over the 32 rows, by ``devices`` processes."""
+    grass = GrassCallback(num_active=2, probe_steps=1, seed=0)
+    trainer = quiet_trainer(max_steps=1, devices=devices, accumulate_grad_batches=4 // devices,
+                            strategy="ddp_find_unused_parameters_true" if devices > 1 else "auto",
+                            use_distributed_sampler=False, callbacks=[grass])
+    trainer.fit(SplitMicroBatches("llama"))
+    return grass.state_dict()["importance"]["estimate"].tolist()
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["readings"]:
+    readings = probe_readings(devices=2)
+    print("readings", json.dumps(readings), flush=True)
+    torch.distributed.destroy_process_group()
+elif __name__ == "__main__":
     strategy = sys.argv[1] if len(sys.argv) > 1 else "ddp_find_unused_parameters_true"
     grass = GrassCallback(num_active=2, sampling_period=2, refresh_interval=2, probe_steps=2,
                           idle_moments="keep" if strategy.startswith("grass_offload") else "drop")

@@ -216,6 +216,22 @@ def test_fp16_loss_scaling_is_never_read_as_gradient():
     assert all(s["changed"] == set() for s in spy.steps[:2])  # probing still updates nothing
 
 
+def test_fp16_with_accumulation_reads_the_quantity_fp32_reads():
+    """Under a loss scaler the readings are taken in backward and the scale divided out, as on any
+    other path: per micro-batch, not the accumulated gradient (half the value here)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    estimates = {}
+    for precision in ("32-true", "16-mixed"):
+        grass = GrassCallback(num_active=2, probe_steps=1, seed=0)
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12))
+                   ] if precision == "16-mixed" else []
+        quiet_trainer(max_steps=1, accumulate_grad_batches=4, plugins=plugins, callbacks=[grass]).fit(
+            HFModule("llama"), token_loader(n_batches=8, batch=8))
+        estimates[precision] = grass.state_dict()["importance"]["estimate"]
+    torch.testing.assert_close(estimates["16-mixed"], estimates["32-true"], rtol=0.02, atol=0)
+
+
 def test_importance_probabilities_and_active_set_are_logged_against_the_step_they_describe(tmp_path):
     import csv
 

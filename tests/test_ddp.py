@@ -52,3 +52,18 @@ def test_train_py_runs_grass_under_lightning_ddp(tmp_path, precision):
     assert bool(masters) == (precision == "bf16-true") and all(m.dtype == torch.float32 for m in masters)
     weights = {t.dtype for t in checkpoint["state_dict"].values() if t.is_floating_point()}
     assert weights == ({torch.bfloat16} if precision == "bf16-true" else {torch.float32})
+
+
+@pytest.mark.slow
+def test_one_process_and_two_read_the_same_importance_from_the_same_micro_batches():
+    """1 rank x 4 micro-batches of 8 and 2 ranks x 2 micro-batches of 8, the same 32 rows: the
+    probe reads the mean squared RMS of a micro-batch's gradient on both. Under DDP it used to
+    read the all-reduced step gradient instead (s^2 + sigma^2/32 against s^2 + sigma^2/8)."""
+    from tests.ddp_worker import probe_readings
+
+    done = subprocess.run([sys.executable, "-m", "tests.ddp_worker", "readings"], cwd=CONF.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads(re.search(r"readings (\[.*\])", done.stdout).group(1))
+    one = probe_readings(devices=1)
+    assert two == pytest.approx(one, rel=1e-4)  # the same micro-batches: equal up to summation order

@@ -4,30 +4,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from grass_lightning.core.importance import ImportanceEstimate, block_rms
-
-
-def test_block_rms_is_root_mean_square_of_the_gradient():
-    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, 1))
-    a.grad = torch.tensor([3.0, 0.0])
-    b.grad = torch.tensor([[4.0], [0.0]])
-    # ||g||^2 = 9 + 16 = 25 over N = 4 parameters -> sqrt(25 / 4) = 2.5
-    assert block_rms([a, b]).item() == pytest.approx(2.5)
-
-
-def test_block_rms_counts_parameters_without_gradient_in_n():
-    a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(3))
-    a.grad = torch.tensor([2.0])
-    assert block_rms([a, b]).item() == pytest.approx(math.sqrt(4 / 4))
-
-
-def test_block_rms_of_bf16_gradients_is_computed_in_fp32():
-    p = nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16))
-    p.grad = torch.full((4096,), 3.0, dtype=torch.bfloat16)
-    assert block_rms([p]).dtype == torch.float32
-    assert block_rms([p]).item() == pytest.approx(3.0)
+from grass_lightning.core.importance import ImportanceEstimate
 
 
 def test_window_mean_and_first_refresh_take_the_mean():

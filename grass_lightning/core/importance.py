@@ -1,7 +1,7 @@
 """How important each block is: the mean gradient norm (MGN), refreshed by an EMA.
 
 Per step, block l with N_l parameters gives r_l = sqrt(||g_l||^2 / N_l), the RMS of its
-gradient. Over a window the mean of r_l is m_l (window MGN). After probing, m_l of every
+gradient (read per micro-batch: :mod:`grass_lightning.core.probe`). Over a window the mean of r_l is m_l (window MGN). After probing, m_l of every
 block is the probe mean; each refresh blends in the new window for the blocks measured in it,
 m_l <- ema * m_l(window) + (1 - ema) * m_l(old); blocks not measured keep their estimate.
 """
@@ -9,25 +9,9 @@ m_l <- ema * m_l(window) + (1 - ema) * m_l(old); blocks not measured keep their 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import nn
-
-
-def block_sq_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
-    """Squared L2 norm of the gradients of ``params`` (fp32, on the gradients' device)."""
-    params = list(params)
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=params[0].device)
-    return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
-
-
-def block_rms(params: Sequence[nn.Parameter]) -> torch.Tensor:
-    """r_l = sqrt(||g_l||^2 / N_l): the gradient RMS, comparable across blocks of any size."""
-    numel = sum(p.numel() for p in params)
-    return (block_sq_norm(params) / numel).sqrt()
 
 
 class ImportanceEstimate:

@@ -1,25 +1,34 @@
 """Reading per-block gradient norms out of backward, one backward pass at a time.
 
 Probe and refreshes must measure the same quantity, or the blocks measured only by the probe
-and those refreshed later meet in one softmax at different scales. With gradient accumulation
-over n backward passes per step, the probe cannot read the accumulated gradient without holding
-a full fine-tuning's worth of gradients until the step. So both read each pass's gradient as it
-arrives (a hook on the parameter, before it is accumulated) and estimate
+and those refreshed later meet in one softmax at different scales; so must one device and many,
+or the same config samples differently on 1 and on 4 devices (and a resume on another world
+size blends both into one EMA). With gradient accumulation over n backward passes per step, the
+probe cannot read the accumulated gradient without holding a full fine-tuning's worth of
+gradients until the step. So every path reads each pass's gradient as it arrives (a hook on the
+parameter, before it is accumulated, before DDP all-reduces it and still loss-scaled under fp16
+AMP) and estimates
 
-    r_l = sqrt(n * sum_i ||g_l,i||^2 / N_l),
+    r_l = sqrt(sum_i ||G_l,i||^2 / (M N_l)),
 
-the RMS of one micro-batch's gradient at the scale of a full step's gradient: exact for n = 1,
-and slightly above the accumulated gradient's RMS by the micro-batch noise otherwise, for probe
-and refreshes alike. While probing, a second hook frees each gradient once accumulated, so
-gradient memory stays at one parameter's worth and the step updates nothing.
+the RMS of one micro-batch's gradient G_l,i = n g_l,i (the loss is divided by n for
+accumulation), averaged over the M = n x ranks micro-batches of the step: the readings of every
+process are summed across processes, and a loss scale is divided out. What it estimates is
+s_l^2 + sigma_l^2 / b per parameter (b: the micro-batch size; s_l: the mean gradient; sigma_l^2:
+the per-example variance), not the step gradient's s_l^2 + sigma_l^2 / (M b): a block with noisy
+gradients reads high however many micro-batches or devices a step spans, which is what the
+paper's rule (one device, no accumulation) reads too. Correcting it would need the finished
+gradient, which the probe frees in backward.
 
-Not for loss-scaled (fp16 AMP) or multi-process training: the gradients seen in backward are
-still scaled, or not yet all-reduced. Read the finished gradients there instead.
+While probing on one process, a second hook frees each gradient once accumulated, so gradient
+memory stays at one parameter's worth and the step updates nothing. Under DDP the gradient must
+stay for the all-reduce, and under fp16 AMP for the scaler's inf check; the schedule drops it at
+the step instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +47,7 @@ class GradientProbe:
     def __init__(self, blocks: Sequence[Sequence[nn.Parameter]], indices: Sequence[int],
                  free: Collection[int] = ()) -> None:
         self._numel = [sum(p.numel() for p in ps) for ps in blocks]
+        self._device = blocks[0][0].device
         self._sq: list[torch.Tensor | float] = [0.0] * len(blocks)
         self._passes = 0
         self._handles = []
@@ -58,18 +68,32 @@ class GradientProbe:
         """Announce one backward pass of the current step."""
         self._passes += 1
 
-    def take(self) -> tuple[list[int], torch.Tensor]:
+    def take(self, scale: float = 1.0,
+             across: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[list[int], torch.Tensor]:
         """The blocks read since the last call and their r_l (on their device); then reset.
+
+        Args:
+            scale: the loss scale the gradients were read under (fp16 AMP), divided out.
+            across: sums a tensor over the processes of a data-parallel run (every process calls
+                this in the same step), so that each reads the same r_l.
 
         A block that received no gradient (a skipped backward, a frozen block) is not in the list:
         it counts as unmeasured, not as a zero.
         """
         read = [i for i, s in enumerate(self._sq) if isinstance(s, torch.Tensor)]
         passes = max(self._passes, 1)
-        rms = torch.stack([(passes * self._sq[i] / self._numel[i]).sqrt() for i in read]) if read else torch.empty(0)
+        if across is None:  # sum_i ||n g_i||^2 / n = n sum_i ||g_i||^2
+            rms = [(passes * self._sq[i] / self._numel[i]).sqrt() / scale for i in read]
+        else:  # every process takes part, with or without readings; sums made on the device, no copy
+            device = self._sq[read[0]].device if read else self._device
+            zero = torch.zeros((), device=device)
+            sq = torch.stack([s if isinstance(s, torch.Tensor) else zero for s in self._sq])
+            counted = torch.stack([zero + passes if isinstance(s, torch.Tensor) else zero for s in self._sq])
+            totals = across(torch.stack([passes**2 * sq / scale**2, counted]))  # and the micro-batches summed
+            rms = [(totals[0, i] / totals[1, i] / self._numel[i]).sqrt() for i in read]
         self._sq = [0.0] * len(self._sq)
         self._passes = 0
-        return read, rms
+        return read, torch.stack(rms) if rms else torch.empty(0)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -26,7 +26,7 @@ blends in those k steps' readings of every block, all taken at one point of trai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.optim import Optimizer
@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 from grass_lightning.core.active_set import ActiveSet
 from grass_lightning.core.blocks import BlockLayout
 from grass_lightning.core.config import GrassConfig
-from grass_lightning.core.importance import ImportanceEstimate, block_rms
+from grass_lightning.core.importance import ImportanceEstimate
 from grass_lightning.core.masters import HALF, MasterWeights
 from grass_lightning.core.offload import check_offload, make_offloader
 from grass_lightning.core.probe import GradientProbe
@@ -50,11 +50,12 @@ class GrassSchedule:
         optimizers: optimizers built over all of the model's parameters.
         config: validated hyper-parameters.
         seed: seed of the block sampler.
-        measure_in_backward: read each backward pass's gradients as they arrive (see
-            :mod:`grass_lightning.core.probe`), and free them at once while probing (low memory).
-            False reads the finished gradients in `measure` instead, as needed when they are
-            all-reduced across processes or loss-scaled (fp16 AMP) during backward; the probe
-            then holds every block's gradient until the step.
+        free_in_backward: free the gradients of blocks that only are measured (every block while
+            probing, the idle ones in a re-probe step) in backward, as they are read (low memory).
+            False, as DDP (it all-reduces them) and fp16 AMP (its scaler checks them) need, drops
+            them in `measure` instead.
+        across: sums a tensor over the processes of a data-parallel run, so that every process
+            reads the same importance (:mod:`grass_lightning.core.probe`); None on one process.
         offload: ``"none"``, or keep block moments in host memory: ``"park"`` (idle blocks') or
             ``"stream"`` (all blocks'), see :mod:`grass_lightning.core.offload`. Needs one optimizer.
 
@@ -68,7 +69,8 @@ class GrassSchedule:
         optimizers: Sequence[Optimizer],
         config: GrassConfig,
         seed: int,
-        measure_in_backward: bool = True,
+        free_in_backward: bool = True,
+        across: Callable[[torch.Tensor], torch.Tensor] | None = None,
         offload: str = "none",
     ) -> None:
         config.check_blocks(len(layout), layout.path)
@@ -91,7 +93,8 @@ class GrassSchedule:
         self.recompute = BlockRecompute(layout.blocks) if config.recompute != "none" else None
         self.importance = ImportanceEstimate(len(layout), config.ema)
         self.sampler = BlockSampler(config.num_active, seed)
-        self.measure_in_backward = measure_in_backward
+        self.free_in_backward = free_in_backward
+        self._across = across
         self.step = 0
         self.active: list[int] = []
         self.history: list[tuple[int, list[int]]] = []
@@ -124,22 +127,20 @@ class GrassSchedule:
         if self._probe is not None:
             self._probe.begin_backward()
 
-    def measure(self) -> None:
-        """Record r_l from this step's complete, unscaled gradients (before the optimizer step).
+    def measure(self, scale: float = 1.0) -> None:
+        """Record r_l from this step's readings (before the optimizer step); ``scale`` is the loss
+        scale of its backward passes (fp16 AMP), 1 without one.
 
-        While probing this also drops every block gradient, so the step updates nothing; in a
-        re-probe step, the idle blocks' gradients. A block that received no gradient in the step
-        (a skipped backward) stays unmeasured.
+        While probing, every block's gradient is gone after this, so the step updates nothing; in
+        a re-probe step, the idle blocks'. A block that received no gradient in the step (a
+        skipped backward) stays unmeasured.
         """
         if self._probe is not None:
-            self.importance.record(*self._probe.take())
-        elif self.probing or self.reprobing:
-            self._record_finished(range(len(self._blocks)))
+            self.importance.record(*self._probe.take(scale, self._across))
+        if not self.free_in_backward and (self.probing or self.reprobing):
             for index in self._idle():
                 for p in self._blocks[index]:
                     p.grad = None
-        elif self._refreshing and not self.config.reprobe_steps:
-            self._record_finished(self.active)
 
     def end_step(self) -> None:
         """Close an optimizer step: refresh the importance and draw a new active set when due."""
@@ -188,17 +189,10 @@ class GrassSchedule:
         """Whether training steps are measured: uniform (LISA) and static never use a new measurement."""
         return self.config.sampler == "grass"
 
-    def _record_finished(self, blocks: Sequence[int]) -> None:
-        """Record r_l of the finished gradients of those ``blocks`` that have any."""
-        blocks = [b for b in blocks if any(p.grad is not None for p in self._blocks[b])]
-        if blocks:
-            self.importance.record(blocks, torch.stack([block_rms(self._blocks[b]) for b in blocks]))
-
     def _listen(self, blocks: Sequence[int], free: Sequence[int] = ()) -> None:
-        """Read the gradients of ``blocks`` in backward from now on (if this schedule does)."""
+        """Read the gradients of ``blocks`` in backward from now on, freeing those of ``free``."""
         self._remove_probe()
-        if self.measure_in_backward:
-            self._probe = GradientProbe(self._blocks, list(blocks), free)
+        self._probe = GradientProbe(self._blocks, list(blocks), free if self.free_in_backward else ())
 
     def _remove_probe(self) -> None:
         if self._probe is not None:

@@ -8,8 +8,8 @@ Example::
     trainer.fit(model)  # model.configure_optimizers builds AdamW over all parameters
 
 Per optimizer step: ``on_before_backward`` counts backward passes (gradients are read in
-backward, one pass at a time); ``on_before_optimizer_step`` (gradients complete, accumulated
-and unscaled) records importance; ``on_train_batch_end`` (after the optimizer step) refreshes
+backward, one pass at a time); ``on_before_optimizer_step`` records the step's readings
+(summed across DDP ranks, the fp16 loss scale divided out); ``on_train_batch_end`` (after the optimizer step) refreshes
 importance, draws the next active set and logs. Works under automatic and manual optimization.
 With bf16 weights (``Trainer(precision="bf16-true")``) the trained parameters step through fp32
 master weights (:mod:`grass_lightning.core.masters`; ``master_weights=False`` opts out), and the
@@ -138,8 +138,9 @@ class GrassCallback(Callback):
         if scaler is not None and any(_optimizer_handles_unscaling(opt) for opt in trainer.optimizers):
             raise MisconfigurationException(
                 "GrassCallback with fp16 loss scaling and an optimizer that unscales inside its step "
-                "(e.g. AdamW(fused=True)): Lightning leaves such gradients scaled until the step, so "
-                "importance would read them scaled. Use fused=False, or precision='bf16-mixed'."
+                "(e.g. AdamW(fused=True)): a probe step drops every block gradient before that step, "
+                "which leaves the scaler without an inf check (torch raises). Use fused=False, or "
+                "precision='bf16-mixed'."
             )
         self._layout = layout = self.check_model(pl_module)
         dtypes = {p.dtype for block in layout.blocks for p in block.parameters()}
@@ -182,10 +183,14 @@ class GrassCallback(Callback):
         for a fit that trains: one that resumes a finished run never gets here, so nothing is parked."""
         self._remove_keep_fp32()  # the schedule's masters keep fp32 state through later loads
         seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
-        # Hooks in backward see gradients before DDP all-reduces them and before AMP unscales them.
-        measure_in_backward = trainer.world_size == 1 and loss_scaler(trainer) is None
-        self.schedule = GrassSchedule(self._layout, trainer.optimizers, self.config, seed, measure_in_backward,
-                                      _offload_mode(trainer))
+        # Gradients are read in backward, per micro-batch: before DDP all-reduces them (the readings
+        # are summed across ranks instead) and before AMP unscales them (the scale is divided out).
+        # DDP's all-reduce and the AMP scaler's step need them kept until the step.
+        across = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
+        free = trainer.world_size == 1 and loss_scaler(trainer) is None
+        self.schedule = GrassSchedule(self._layout, trainer.optimizers, self.config, seed, free_in_backward=free,
+                                      across=across,
+                                      offload=_offload_mode(trainer))
         if self._saved_state is not None:
             self.schedule.load_state_dict(self._saved_state)
         self.schedule.start()
@@ -200,7 +205,8 @@ class GrassCallback(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         # Fires once per optimizer: measure once per step even with several optimizers.
         if self.schedule is not None and not self._stepped:
-            self.schedule.measure()
+            scaler = loss_scaler(trainer)
+            self.schedule.measure(scaler.get_scale() if scaler is not None else 1.0)
             self._stepped = True
 
     @override

@@ -132,3 +132,11 @@ def quiet_trainer(**kwargs):
                     enable_progress_bar=False, enable_model_summary=False, max_epochs=1)
     defaults.update(kwargs)
     return Trainer(**defaults)
+
+
+def gradient_rms(params) -> torch.Tensor:
+    """r_l = sqrt(||g_l||^2 / N_l) of the gradients ``params`` hold (fp32): the reference the probe's
+    readings are checked against."""
+    params = list(params)
+    sq = sum(torch.linalg.vector_norm(p.grad, dtype=torch.float32).square() for p in params if p.grad is not None)
+    return (torch.as_tensor(sq, dtype=torch.float32) / sum(p.numel() for p in params)).sqrt()
