@@ -61,11 +61,16 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("`data.max_length=0`", ["data.max_length=0"]),
         ("`data.max_length` shorter than an answer", [*smollm2, "data.max_length=3"]),
         ("`seed=abc`", ["seed=abc"]),
-        ("`data.path` at a directory", ["data=jsonl", f"data.path={tmp}"]),
+        ("`data.path` at a directory", ["data=jsonl", f"data.path={_directory(tmp)}"]),
         ("a JSONL file that starts with a byte-order mark (reads)", ["model=smollm2", "data=jsonl",
                                                                      f"data.path={_bom_file(tmp)}", "trainer.max_steps=1",
                                                                      "test_before=false", "export=false"]),
     ]
+
+
+def _directory(tmp: Path) -> Path:
+    (tmp / "exports").mkdir(exist_ok=True)
+    return tmp / "exports"
 
 
 def _bom_file(tmp: Path) -> Path:

@@ -107,15 +107,15 @@ class _CausalLM:
     def __init__(self, tokenizer, max_length: int) -> None:
         self.tokenizer, self.max_length = tokenizer, max_length
 
-    def _check_room(self, answers: list[tuple[str, bool]]) -> None:
-        """Refuse a ``max_length`` that cannot hold a whole answer (with end-of-sequence when
-        ``eos``) and one prompt token, for the first `ROOM_CHECKED` examples: `_encode` would cut
-        the answer or the whole prompt, and the run would train and score on nothing."""
-        for number, (answer, eos) in enumerate(answers[:ROOM_CHECKED], 1):
-            needed = len(self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + eos + 1
+    def _check_room(self, answers: list[tuple[list[str], bool]]) -> None:
+        """Refuse a ``max_length`` that cannot hold an example's longest answer (with end-of-sequence
+        when ``eos``) and one prompt token, for the first `ROOM_CHECKED` examples: `_encode` would
+        cut the answer or the whole prompt, and the run would train and score on nothing."""
+        for number, (options, eos) in enumerate(answers[:ROOM_CHECKED], 1):
+            needed = max(len(self.tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in options) + eos + 1
             if needed > self.max_length:
                 raise ValueError(f"data.max_length={self.max_length} is too short for a prompt and its answer: "
-                                 f"example {number} needs {needed} tokens (its answer and one prompt token).")
+                                 f"example {number} needs {needed} tokens (its longest answer and one prompt token).")
 
     def _encode(self, prompt: str, continuation: str, eos: bool) -> tuple[list[int], list[int]]:
         head = self.tokenizer(prompt)["input_ids"]
@@ -149,7 +149,7 @@ class ChoiceScoring(_CausalLM):
     def __init__(self, tokenizer, max_length: int, records: list[Choice], max_new_tokens: int = 0) -> None:
         super().__init__(tokenizer, max_length)
         self.max_choices = max(len(r.choices) for r in records)
-        self._check_room([(choice, False) for r in records[:ROOM_CHECKED] for choice in r.choices])
+        self._check_room([(list(r.choices), False) for r in records])
 
     def collate(self, records: list[Choice]) -> dict:
         return self._pad([self._encode(r.prompt, r.choices[r.label], eos=False) for r in records])
@@ -209,7 +209,7 @@ class AnswerGeneration(_CausalLM):
             raise ValueError(f"Chat data needs a tokenizer with a chat template, and {type(tokenizer).__name__} "
                              f"({getattr(tokenizer, 'name_or_path', '') or 'this model'}) has none: use an instruct "
                              f"model (e.g. model=smollm2), or instruction data.")
-        self._check_room([(r.response, True) for r in records if isinstance(r, Generation)])
+        self._check_room([([r.response], True) for r in records if isinstance(r, Generation)])
         if max_length < 2:  # a conversation keeps its end: one prompt token and one of the answer
             raise ValueError(f"data.max_length={max_length} is too short for a prompt and its answer.")
         self.max_new_tokens = max_new_tokens
