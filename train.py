@@ -9,10 +9,12 @@ import hydra
 from omegaconf import DictConfig
 
 from grass_lightning.app.run import train
+from grass_lightning.app.setup import configure_console
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    configure_console()
     metrics, objects = train(cfg)
     objects.release()  # a multirun trains its next job in this process
     return metrics["score"]  # what a sweeper optimizes

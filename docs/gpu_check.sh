@@ -8,5 +8,5 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 # CUDA offload: park and stream, fp32 and bf16 weights with fp32 masters, bit-identical to no offload
 timeout 240 python -m pytest -q tests/test_offload_cuda.py
 # the llama_1b rows in bf16 weights (full as bf16-mixed), as each peer runs them
-timeout 330 python -m grass_lightning.bench --model llama_1b --precision bf16-true \
+timeout 330 grass-bench --model llama_1b --precision bf16-true \
     --methods full,badam,lisa,grass,grass+stream --batch-size 8 --seq-len 512 --steps 10 --out "$out"

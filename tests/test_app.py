@@ -12,6 +12,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 import grass_lightning.app.run as run
+import grass_lightning.app.setup as setup
 from grass_lightning.app.models import ModelSpec, load_model
 from grass_lightning.core.blocks import find_blocks
 from tests.helpers.app import CONF, choice_rows, classification_rows, compose_run, write_jsonl
@@ -171,7 +172,7 @@ def test_bad_overrides_fail_before_any_model_is_loaded(tmp_path, monkeypatch, ov
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the configuration was checked")
 
-    monkeypatch.setattr(run, "load_model", refuse)
+    monkeypatch.setattr(setup, "load_model", refuse)
     with pytest.raises(error, match=message):
         run.train(compose_run(tmp_path, *overrides))
     assert not (tmp_path / "metrics.json").exists()
@@ -182,7 +183,7 @@ def test_a_ckpt_path_that_is_no_checkpoint_fails_before_any_model_is_loaded(tmp_
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the configuration was checked")
 
-    monkeypatch.setattr(run, "load_model", refuse)
+    monkeypatch.setattr(setup, "load_model", refuse)
     notes = tmp_path / "notes.ckpt"
     notes.write_bytes(content)
     with pytest.raises(ValueError, match=r"ckpt_path='.*notes\.ckpt' is not a checkpoint that train\.py wrote"):
@@ -200,7 +201,7 @@ def test_a_checkpoint_of_another_model_fails_before_any_model_is_loaded(tmp_path
               "method.probe_steps=1" if method == ["method=grass"] else "test_before=false", *method]
     run.train(compose_run(tmp_path / "first", *common))
     checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    monkeypatch.setattr(setup, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
     with pytest.raises(ValueError, match=r"was written for another model or method: \d+ of this model's \d+ weights "
                                          r".*shape \[258, 64\] here, shape \[258, 32\] there"):
         run.train(compose_run(tmp_path / "wider", *common, "model.config.hidden_size=64", f"ckpt_path={checkpoint}"))
@@ -223,7 +224,7 @@ def test_two_by_two_multirun_writes_two_metrics_per_method(tmp_path):
     runs = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
     assert sorted((r["method"], r["seed"]) for r in runs) == [("full", 0), ("full", 1), ("grass", 0), ("grass", 1)]
     assert all(REQUIRED <= set(r) for r in runs)
-    gathered = subprocess.run([sys.executable, "-m", "grass_lightning.gather", str(sweep)], cwd=CONF.parent,
+    gathered = subprocess.run([sys.executable, "-m", "grass_lightning.tools.gather", str(sweep)], cwd=CONF.parent,
                               capture_output=True, text=True, timeout=60)
     assert gathered.returncode == 0, gathered.stderr
     # a JSONL data set is named by its file, so two files never share a row
@@ -245,7 +246,7 @@ def test_every_experiment_builds_with_every_method(tmp_path, method):
         pytest.importorskip("badam")
     for experiment in sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")):
         cfg = compose_run(tmp_path, f"experiment={experiment}", f"method={method}")
-        assert run.build_method(OmegaConf.to_container(cfg.method, resolve=True), seed=0).name == method
+        assert setup.setup_method(cfg.method, seed=0).name == method
 
 
 @pytest.mark.slow
@@ -314,7 +315,7 @@ def test_grass_run_draws_the_importance_heat_map(tmp_path, data_files):
 def test_a_lisa_run_draws_the_blocks_it_trained_not_a_blank_heat_map(tmp_path):
     import matplotlib.image
 
-    from grass_lightning.tools.heatmap import draw
+    from grass_lightning.app.heatmap import draw
 
     def dark_pixels(name, trains):
         metrics = tmp_path / f"{name}.csv"
@@ -330,7 +331,7 @@ def test_a_lisa_run_draws_the_blocks_it_trained_not_a_blank_heat_map(tmp_path):
 
 
 def test_heat_map_of_a_run_without_importance_is_skipped(tmp_path):
-    from grass_lightning.tools.heatmap import draw
+    from grass_lightning.app.heatmap import draw
 
     metrics = tmp_path / "metrics.csv"
     metrics.write_text("epoch,step,train/loss\n0,9,0.5\n")
@@ -392,8 +393,8 @@ def test_a_failing_sweep_member_does_not_stop_the_others(tmp_path):
 @pytest.mark.slow
 def test_gradient_checkpointing_in_the_app_gives_the_run_it_would_give_without(tmp_path, data_files, monkeypatch):
     loaded = []
-    original = run.load_model
-    monkeypatch.setattr(run, "load_model", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    original = setup.load_model
+    monkeypatch.setattr(setup, "load_model", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
     common = ["model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", "method.probe_steps=1",
               "method.sampling_period=2", "method.refresh_interval=2", "test_before=false"]
     run.train(compose_run(tmp_path / "plain", *common))
@@ -434,7 +435,7 @@ def test_chat_data_for_a_tokenizer_without_a_chat_template_fails_before_any_weig
     import grass_lightning.app.models as models
 
     monkeypatch.setattr(models, "CHAT_TEMPLATE", None)
-    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(setup, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     chat = CONF.parent / "examples" / "chat.jsonl"
     with pytest.raises(ValueError, match=r"data\.path='.*chat\.jsonl': Chat data needs a tokenizer with a chat template"):
         run.train(compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={chat}"))
@@ -449,7 +450,7 @@ def test_bf16_true_loads_bf16_weights_trains_scores_and_generates(tmp_path, data
     multiple-choice scoring (which crashed with a dtype mismatch), generation and the classifier
     all run; block methods train through fp32 masters, LISA as LMFlow runs it (pure bf16) without."""
     loaded = []
-    monkeypatch.setattr(run, "load_model", lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(setup, "load_model", lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1])
     cfg = compose_run(tmp_path, f"model={model}", "data=jsonl", f"data.path={data_files[data]}", f"method={method}",
                       "trainer.precision=bf16-true", *(["method.probe_steps=1"] if method == "grass" else []))
     metrics, objects = run.train(cfg)
@@ -485,7 +486,7 @@ def test_smollm2_in_bf16_with_masters_moves_as_many_weights_as_fp32_and_pure_bf1
     shares, start = {}, None
     for label, precision in (("fp32", ["trainer.precision=32-true"]), ("bf16_masters", ["trainer.precision=bf16-true"]),
                              ("bf16_pure", ["trainer.precision=bf16-true", "method.master_weights=false"])):
-        monkeypatch.setattr(run, "load_model", bf16_valued if label == "fp32" else load_model)
+        monkeypatch.setattr(setup, "load_model", bf16_valued if label == "fp32" else load_model)
         metrics, objects = run.train(compose_run(tmp_path / label, *common, *precision))
         assert metrics["updates"] == 10
         model = objects.module.model

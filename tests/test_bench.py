@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_runs_every_row_and_writes_table_json_and_plot(tmp_path):
     expected = [m for m in ROWS if m != "badam" or importlib.util.find_spec("badam")]  # BAdam's: the [peers] extra
-    command = [sys.executable, "-m", "grass_lightning.bench", "--model", "tiny_llama", "--steps", "2", "--probe-steps", "1",
+    command = [sys.executable, "-m", "grass_lightning.tools.bench", "--model", "tiny_llama", "--steps", "2", "--probe-steps", "1",
                "--batch-size", "2", "--seq-len", "16", "--sampling-period", "2", "--methods", ",".join(expected),
                "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -45,7 +45,7 @@ def test_bench_runs_every_row_and_writes_table_json_and_plot(tmp_path):
 @pytest.mark.slow
 def test_bench_in_bf16_runs_layer_wise_rows_with_bf16_weights_and_full_as_bf16_mixed(tmp_path):
     methods = ["full", "lisa", "grass", *(["badam"] if importlib.util.find_spec("badam") else [])]
-    command = [sys.executable, "-m", "grass_lightning.bench", "--model", "tiny_llama", "--steps", "2", "--probe-steps", "1",
+    command = [sys.executable, "-m", "grass_lightning.tools.bench", "--model", "tiny_llama", "--steps", "2", "--probe-steps", "1",
                "--batch-size", "2", "--seq-len", "16", "--sampling-period", "2", "--methods", ",".join(methods),
                "--precision", "bf16-true", "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -65,7 +65,7 @@ def test_bench_in_bf16_runs_layer_wise_rows_with_bf16_weights_and_full_as_bf16_m
 
 @pytest.mark.slow
 def test_bench_with_gradient_checkpointing_runs_every_row_with_it(tmp_path):
-    command = [sys.executable, "-m", "grass_lightning.bench", "--model", "tiny_llama", "--steps", "1", "--probe-steps", "1",
+    command = [sys.executable, "-m", "grass_lightning.tools.bench", "--model", "tiny_llama", "--steps", "1", "--probe-steps", "1",
                "--batch-size", "2", "--seq-len", "16", "--methods", "full,grass", "--gradient-checkpointing",
                "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -77,7 +77,7 @@ def test_bench_with_gradient_checkpointing_runs_every_row_with_it(tmp_path):
 
 @pytest.mark.slow
 def test_bench_refuses_an_unknown_method_before_running_anything(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "grass_lightning.bench", "--methods", "full,qlora", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "grass_lightning.tools.bench", "--methods", "full,qlora", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "--methods: 'qlora' is not one of" in done.stderr
     assert not any(tmp_path.iterdir())

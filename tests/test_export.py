@@ -9,8 +9,8 @@ import transformers
 from omegaconf import OmegaConf
 
 from grass_lightning import GrassCallback
-from grass_lightning.app import run
-from grass_lightning.app.export import export_checkpoint, main
+from grass_lightning.app import run, setup
+from grass_lightning.app.export_checkpoint import export_checkpoint, main
 from tests.helpers.app import compose_run
 from tests.helpers.models import HFModule, quiet_trainer, token_loader
 
@@ -101,7 +101,7 @@ def test_export_refuses_a_checkpoint_of_another_model_and_one_without_its_run_co
 
 
 def test_a_bad_export_setting_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
-    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(setup, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ValueError, match=r"export_lora='both' is not one of \('merged', 'adapter'\)"):
         run.train(compose_run(tmp_path, "export_lora=both"))
     with pytest.raises(ValueError, match=r"export='yes' must be true or false"):

@@ -10,90 +10,189 @@
 - `Badam`: BAdam (Luo et al. 2024), the ``badam`` package's own ``BlockOptimizer`` around the
   module's AdamW (``pip install "grass-lightning[peers]"``).
 
-A new method is a YAML file plus a `Method` subclass. Everything is validated when the method
-is built, before any model is loaded; errors name ``method.<key>`` and the value.
+A method is a `Method` subclass whose ``Settings`` dataclass holds what its YAML may set besides
+``name``, ``lr`` and ``offload``, plus a YAML file. Everything is validated when the method is
+built, before any model is loaded; errors name ``method.<key>`` and the value.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, Trainer
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer
 
-from grass_lightning.core.blocks import find_blocks
-from grass_lightning.core.config import SETTINGS, require_choice, require_int
-from grass_lightning.core.offload import check_offload
+from grass_lightning.core.blocks import BlockLayout, find_blocks
+from grass_lightning.core.checks import require_bool, require_choice, require_int
+from grass_lightning.core.config import GrassConfig
+from grass_lightning.core.offload import OFFLOAD_MODES, check_offload
 from grass_lightning.lightning.callback import GrassCallback
 
 BADAM_SWITCH_MODES = ("random", "ascending", "descending")  # BAdam's orders ("fixed" never switches)
 
 
+@dataclass(frozen=True)
+class NoSettings:
+    """A method with nothing to set but its name, learning rate and offload mode."""
+
+
 class Method:
-    """What a method adds to a run: callbacks, a wrapper around the model, an offload mode.
+    """What a method adds to a run; `build_method` makes one from ``conf/method/<name>.yaml``.
 
     Args:
         name: the label in metrics.json and tables.
         lr: the method's learning rate (read by ``optim.lr``).
-        offload: ``"none"``; only block methods keep moments in host memory.
+        offload: ``"none"``, or where block moments wait (``OFFLOAD``: the block methods').
         seed: the run's seed.
+        **settings: the fields of the subclass's ``Settings`` dataclass.
     """
 
-    SETTINGS: tuple[str, ...] = ()  # the keys its YAML may set besides name, lr, offload
+    Settings: type = NoSettings
+    OFFLOAD: tuple[str, ...] = ("none",)
     resumable = True  # whether a checkpoint holds all its state (ckpt_path)
     resumable_why = ""
 
-    def __init__(self, name: str, lr: float, offload: str = "none", seed: int | None = None) -> None:
-        if offload != "none":
-            raise ValueError(f"offload={offload!r}: only the block methods (lisa, grass) offload; use 'none'.")
-        self.name, self.lr, self.offload = name, lr, offload
-        self.callbacks: list[Callback] = []
+    def __init__(self, name: str, lr: float, offload: str = "none", seed: int | None = None, **settings) -> None:
+        if offload not in self.OFFLOAD:
+            raise ValueError(f"offload={offload!r}: only the block methods (lisa, grass) offload; use 'none'."
+                             if self.OFFLOAD == ("none",) else f"offload={offload!r} is not one of "
+                             f"{', '.join(map(repr, self.OFFLOAD))}.")
+        self.name, self.lr, self.offload, self.seed = name, lr, offload, seed
+        self.settings = self.Settings(**settings)
+
+    @classmethod
+    def setting_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls.Settings))
 
     def prepare(self, model: nn.Module, kind: str) -> nn.Module:
         """The model as this method trains it."""
         return model
 
     def wrap_optimizer(self, optimizer: Optimizer, model: nn.Module) -> Optimizer:
-        """The optimizer as this method steps it (`GrassModule.configure_optimizers` calls this)."""
+        """The optimizer as this method steps it (the module's ``configure_optimizers`` calls this)."""
         return optimizer
+
+    @property
+    def block_callback(self) -> GrassCallback | None:
+        """The GrassCallback that trains blocks a few at a time, if this method has one."""
+        return None
+
+    @property
+    def callbacks(self) -> list[Callback]:
+        return [self.block_callback] if self.block_callback is not None else []
+
+    @property
+    def probe_steps(self) -> int:
+        """Optimizer steps that update nothing, before the updates (``max_steps`` counts updates)."""
+        return self.block_callback.config.probe_steps if self.block_callback is not None else 0
+
+    def describe(self) -> str:
+        """Its settings in a few words, for a table."""
+        return "every parameter"
+
+    def bf16_weights(self) -> str:
+        """How it trains bf16 weights (``precision=bf16-true``), for a table."""
+        return "bf16 weights, pure bf16"
+
+    def force_lowest_block(self, trainer: Trainer) -> None:
+        """Make the next step train the lowest block (the deepest backward), by the method's own
+        switch; a method that trains every block in every step has nothing to do."""
 
 
 class Full(Method):
     """Every parameter trains."""
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: str | list[str]
+
+    def __post_init__(self) -> None:
+        require_int("r", self.r, minimum=1)
+
+
 class Lora(Method):
     """peft LoRA adapters (rank ``r``, scale ``alpha / r``) on ``target_modules``; the base is frozen."""
 
-    SETTINGS = ("r", "alpha", "dropout", "target_modules")
-
-    def __init__(self, name: str, lr: float, r: int, alpha: float, dropout: float, target_modules: str | list[str],
-                 offload: str = "none", seed: int | None = None) -> None:
-        super().__init__(name, lr, offload, seed)
-        require_int("r", r, minimum=1)
-        self.lora = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+    Settings = LoraSettings
 
     def prepare(self, model: nn.Module, kind: str) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        task_type = "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"
-        return get_peft_model(model, LoraConfig(**self.lora, task_type=task_type))
+        s = self.settings
+        config = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
+                            task_type="CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS")
+        return get_peft_model(model, config)
+
+    def describe(self) -> str:
+        return f"r={self.settings.r}, alpha {self.settings.alpha}, {self.settings.target_modules}"
+
+
+@dataclass(frozen=True)
+class BlockSettings(GrassConfig):
+    """`GrassConfig`'s fields, and where the blocks are (None: found in common Hugging Face models)."""
+
+    blocks: str | None = None
+
+
+_IDLE = {"drop": "dropped", "keep": "kept"}
 
 
 class BlockMethod(Method):
-    """A few blocks at a time (`GrassCallback`); ``settings`` are `GrassConfig` fields."""
+    """A few blocks at a time (`GrassCallback`)."""
 
-    SETTINGS = (*SETTINGS, "blocks")
+    Settings = BlockSettings
+    OFFLOAD = ("none", *OFFLOAD_MODES)
 
-    def __init__(self, name: str, lr: float, offload: str = "none", seed: int | None = None,
-                 blocks: str | None = None, **settings) -> None:
-        callback = GrassCallback(blocks=blocks, seed=seed, **settings)
-        check_offload(offload, callback.config.idle_moments)
-        sampler = callback.config.sampler
-        self.name = f"grass-{sampler}" if name == "grass" and sampler != "grass" else name  # tables say which
-        self.lr, self.offload = lr, offload
-        self.callbacks = [callback]
+    def __init__(self, name: str, lr: float, offload: str = "none", seed: int | None = None, **settings) -> None:
+        super().__init__(name, lr, offload, seed, **settings)
+        config = GrassConfig(**{f.name: getattr(self.settings, f.name) for f in dataclasses.fields(GrassConfig)})
+        check_offload(offload, config.idle_moments)
+        self._callback = GrassCallback(config=config, blocks=self.settings.blocks, seed=seed)
+        if name == "grass" and config.sampler != "grass":
+            self.name = f"grass-{config.sampler}"  # tables say which
+
+    @property
+    def block_callback(self) -> GrassCallback:
+        return self._callback
+
+    def describe(self) -> str:
+        c = self._callback.config
+        trained = [part for part, on in (("embeddings", c.train_embeddings), ("head", c.train_head)) if on]
+        return (f"γ={c.num_active}, period {c.sampling_period}, sampler {c.sampler}, {c.probe_steps} probe steps, "
+                f"{' + '.join(trained) or 'nothing else'} trained, idle moments {_IDLE[c.idle_moments]}, "
+                f"recompute {c.recompute}" + (f", offload {self.offload}" if self.offload != "none" else ""))
+
+    def bf16_weights(self) -> str:
+        masters = self._callback.config.master_weights
+        return "bf16 weights" + (", fp32 masters of trained params" if masters else ", no masters (pure bf16)")
+
+    def force_lowest_block(self, trainer: Trainer) -> None:
+        schedule = self._callback.schedule
+        if schedule is not None and not schedule.probing and 0 not in schedule.active:
+            schedule.activate([0, *sorted(schedule.active)[1:]])
+
+
+@dataclass(frozen=True)
+class BadamSettings:
+    switch_block_every: int
+    switch_mode: str
+    include_embedding: bool = False
+    include_lm_head: bool = False
+    blocks: str | None = None
+
+    def __post_init__(self) -> None:
+        require_int("switch_block_every", self.switch_block_every, minimum=1)
+        require_choice("switch_mode", self.switch_mode, BADAM_SWITCH_MODES)
+        require_bool("include_embedding", self.include_embedding)
+        require_bool("include_lm_head", self.include_lm_head)
 
 
 class Badam(Method):
@@ -106,23 +205,17 @@ class Badam(Method):
     (BAdam's ``active_modules``). A BAdam run cannot resume from a checkpoint.
     """
 
-    SETTINGS = ("switch_block_every", "switch_mode", "include_embedding", "include_lm_head", "blocks")
+    Settings = BadamSettings
     resumable = False
     resumable_why = "BAdam's BlockOptimizer keeps its block order and step count outside its state_dict"
 
-    def __init__(self, name: str, lr: float, switch_block_every: int, switch_mode: str,
-                 include_embedding: bool = False, include_lm_head: bool = False, blocks: str | None = None,
-                 offload: str = "none", seed: int | None = None) -> None:
-        super().__init__(name, lr, offload, seed)
-        require_int("switch_block_every", switch_block_every, minimum=1)
-        require_choice("switch_mode", switch_mode, BADAM_SWITCH_MODES)
+    def __init__(self, name: str, lr: float, offload: str = "none", seed: int | None = None, **settings) -> None:
+        super().__init__(name, lr, offload, seed, **settings)
         try:
             import badam  # noqa: F401
         except ImportError:
             raise ValueError("_target_=Badam needs the badam package: pip install \"grass-lightning[peers]\" "
                              "(or pip install badam).") from None
-        self.switch_block_every, self.switch_mode = switch_block_every, switch_mode
-        self.include_embedding, self.include_lm_head, self.blocks = include_embedding, include_lm_head, blocks
 
     def wrap_optimizer(self, optimizer: Optimizer, model: nn.Module) -> Optimizer:
         from badam import BlockOptimizer
@@ -138,25 +231,42 @@ class Badam(Method):
                         closure()
                 return super().step()
 
-        layout = find_blocks(model, self.blocks)
+        s = self.settings
+        layout = find_blocks(model, s.blocks)
         prefixes = [[f"{layout.path}.{i}."] for i in range(len(layout))]
         outside = [n for n, _ in model.named_parameters() if not n.startswith(f"{layout.path}.")]
         task_head = _task_head(model, layout)
-        if self.include_embedding:
+        if s.include_embedding:
             prefixes.append([n for n in outside if "embed" in n])
         rest = [n for n in outside if "embed" not in n and n not in task_head]
-        if self.include_lm_head and rest:
+        if s.include_lm_head and rest:
             prefixes.append(rest)
         # BAdam builds its groups as {"weight_decay": wd, **base.defaults}: the defaults win, and AdamW's
         # default is 0.01. Its examples pass weight_decay to AdamW itself; so do we, the configured one.
         optimizer.defaults["weight_decay"] = optimizer.param_groups[0]["weight_decay"]
         # its random order comes from torch's global generator, seeded with the run
         return ClosureFirst(optimizer, list(model.named_parameters()), block_prefix_list=prefixes,
-                            switch_block_every=self.switch_block_every, switch_mode=self.switch_mode,
+                            switch_block_every=s.switch_block_every, switch_mode=s.switch_mode,
                             active_modules=task_head, verbose=0)
 
+    def describe(self) -> str:
+        s = self.settings
+        return (f"1 block, switched every {s.switch_block_every} steps, {s.switch_mode} order, moments "
+                f"dropped at a switch, embeddings {'trained as a block' if s.include_embedding else 'frozen'}, "
+                f"head {'trained as a block' if s.include_lm_head else 'frozen'}")
 
-def _task_head(model: nn.Module, layout) -> list[str]:
+    def bf16_weights(self) -> str:
+        return "bf16 weights, fp32 copy of the active block (BAdam's)"
+
+    def force_lowest_block(self, trainer: Trainer) -> None:
+        optimizer = trainer.optimizers[0]
+        first = optimizer.block_prefix_list[0]  # switch to its first block, as its own switch does
+        if optimizer.active_param_prefixs[:1] != first[:1]:
+            optimizer.current_block_idx = 0
+            optimizer.switch_trainable_params(verbose=0)
+
+
+def _task_head(model: nn.Module, layout: BlockLayout) -> list[str]:
     """The parameters of a classifier's head (pooler, classifier or score, final norm), which BAdam
     trains in every step (its ``active_modules``): the head starts random and a block-at-a-time
     schedule would leave it so. A language model's head is pretrained: none."""
@@ -179,10 +289,12 @@ def build_method(config: DictConfig | dict, seed: int) -> Method:
         cls = None
     if cls is None or not issubclass(cls, Method):
         raise ValueError(f"method._target_={target!r} is not a Method class, e.g. grass_lightning.app.methods.BlockMethod.")
-    extra = sorted(set(config) - {"name", "lr", "offload", *cls.SETTINGS})
+    extra = sorted(set(config) - {"name", "lr", "offload", *cls.setting_names()})
     if extra:
         raise ValueError(f"method.{extra[0]}={config[extra[0]]!r} is not a setting of this method.")
     try:
         return cls(**config, seed=seed)
     except ValueError as error:  # messages start with "<argument>=<value>"
         raise ValueError(f"method.{error}") from None
+    except TypeError as error:  # a required setting missing from the YAML
+        raise ValueError(f"method: {error}") from None

@@ -28,6 +28,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from grass_lightning.app.tasks import Task
 from grass_lightning.lightning.loss_scaling import loss_scaler
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -81,13 +82,13 @@ class GrassModule(LightningModule):
 
     Args:
         model: a Hugging Face model (put in train mode here: transformers 5 loads in eval mode).
-        task: a task from :mod:`grass_lightning.app.tasks`.
+        task: a `grass_lightning.app.tasks.Task`.
         optim: optimizer settings.
         wrap_optimizer: ``(adamw, model) -> optimizer``, for a method that steps AdamW its own way
             (BAdam's ``BlockOptimizer``); see `grass_lightning.app.methods.Method.wrap_optimizer`.
     """
 
-    def __init__(self, model: nn.Module, task, optim: OptimConfig = OptimConfig(),
+    def __init__(self, model: nn.Module, task: Task, optim: OptimConfig = OptimConfig(),
                  wrap_optimizer: Callable[[Optimizer, nn.Module], Optimizer] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters({**asdict(optim), "betas": list(optim.betas)})

@@ -18,14 +18,15 @@
   common lead (GSM8K's "The answer is"), or is just the number. Its `update` returns what it
   generated, one row per example, so that a score of 0.0 can be read.
 
-``update(metrics, model, batch)`` adds a batch to the metrics and returns per-example rows to
-keep, or None.
+Each is a `Task`; ``update(metrics, model, batch)`` adds a batch to the metrics and returns
+per-example rows to keep, or None.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from typing import Protocol
 
 import torch
 import torchmetrics
@@ -40,7 +41,29 @@ NUMBER = r"-?\d[\d,]*\.?\d*"
 FINISHED_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:[^\d,.]|[,.]\D)"  # a character follows that cannot continue it
 
 
-def task_class(kind: str, records: list[Record]) -> type:
+class Task(Protocol):
+    """What the module trains and scores, and how batches are made: built as
+    ``cls(tokenizer, max_length, records, max_new_tokens)``."""
+
+    score_name: str  # the headline key of `metrics`
+
+    def collate(self, records: list) -> dict | torch.Tensor:
+        """A training batch."""
+
+    def collate_eval(self, records: list) -> dict | torch.Tensor:
+        """An evaluation batch."""
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """The training loss of a batch."""
+
+    def metrics(self) -> torchmetrics.MetricCollection:
+        """Fresh held-out metrics, keyed by score name."""
+
+    def update(self, metrics: torchmetrics.MetricCollection, model: nn.Module, batch) -> list[dict] | None:
+        """Add a batch to ``metrics``; rows to keep per example (generation), or None."""
+
+
+def task_class(kind: str, records: list[Record]) -> type[Task]:
     """The task for a model kind and the records' kind, or a clear error for a mismatch.
 
     Every task is built as ``cls(tokenizer, max_length, records, max_new_tokens)``; its

@@ -42,6 +42,7 @@ import math
 from dataclasses import dataclass, fields
 
 from grass_lightning.core.active_set import IDLE_MOMENTS
+from grass_lightning.core.checks import is_number, require_bool, require_choice, require_int
 from grass_lightning.core.recompute import RECOMPUTE
 from grass_lightning.core.sampling import NORMALIZATIONS, SAMPLERS
 
@@ -108,17 +109,16 @@ class GrassConfig:
                 f"reprobe_steps={self.reprobe_steps} with sampler={self.sampler!r}: only sampler='grass' "
                 f"refreshes importance; set reprobe_steps=0."
             )
-        if not _is_number(self.temperature) or not (self.temperature > 0 and math.isfinite(self.temperature)):
+        if not is_number(self.temperature) or not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature={self.temperature!r} must be a finite number > 0.")
-        if not _is_number(self.ema) or not 0 < self.ema <= 1:
+        if not is_number(self.ema) or not 0 < self.ema <= 1:
             raise ValueError(f"ema={self.ema!r} must lie in (0, 1]: the weight of the newest window.")
         require_choice("sampler", self.sampler, SAMPLERS)
         require_choice("normalization", self.normalization, NORMALIZATIONS)
         require_choice("idle_moments", self.idle_moments, IDLE_MOMENTS)
         require_choice("recompute", self.recompute, RECOMPUTE)
         for name in ("train_embeddings", "train_head", "master_weights"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")
+            require_bool(name, getattr(self, name))
         if self.sampler == "static" and self.probe_steps == 0:
             raise ValueError(
                 "sampler='static' with probe_steps=0: the static sampler draws from the probe's "
@@ -139,19 +139,3 @@ class GrassConfig:
 
 
 SETTINGS = tuple(f.name for f in fields(GrassConfig))
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def require_int(name: str, value, minimum: int) -> None:
-    """Raise ``ValueError("<name>=<value> must be an integer >= <minimum>.")`` unless it is one."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
-
-
-def require_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    """Raise ``ValueError("<name>=<value> is not one of ...")`` unless ``value`` is in ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.")

@@ -1,5 +1,5 @@
-"""Which Lightning strategies can train a few blocks at a time: one check for the callback's
-``setup`` (a strategy object) and the app's early check (a ``trainer.strategy`` name).
+"""Which Lightning strategies can train a few blocks at a time: one check for a strategy object
+(the callback's ``setup``) or a name as ``Trainer(strategy=...)`` takes it (a caller's early check).
 
 Sharding strategies (DeepSpeed, FSDP, model parallel) own parameters and optimizer state, so a
 block can be neither frozen alone nor have its moments released. DDP must be told that frozen
@@ -37,13 +37,13 @@ def check_block_strategy(strategy: Strategy | str) -> None:
     if issubclass(cls, _SHARDING):
         raise ValueError(
             f"{cls.__name__} shards parameters and optimizer state itself, so single blocks cannot be frozen "
-            f"and their moments released; use 'ddp_find_unused_parameters_true' (trainer=ddp in train.py) for "
-            f"several GPUs, or a single device."
+            f"and their moments released; use 'ddp_find_unused_parameters_true' for several GPUs, or a single "
+            f"device."
         )
     if issubclass(cls, DDPStrategy) and not find_unused:
         raise ValueError(
             f"{cls.__name__} without find_unused_parameters=True: frozen blocks produce no gradients; use "
-            f"'ddp_find_unused_parameters_true' (trainer=ddp in train.py) or DDPStrategy(find_unused_parameters=True)."
+            f"'ddp_find_unused_parameters_true' or DDPStrategy(find_unused_parameters=True)."
         )
 
 

@@ -124,6 +124,7 @@ class GrassCallback(Callback):
                 check_offload(strategy.offload, self.config.idle_moments)
             except ValueError as error:
                 raise MisconfigurationException(f"GrassCallback with {type(strategy).__name__}: {error}") from None
+            strategy.offloaded_by = self
 
     def check_model(self, module: nn.Module) -> BlockLayout:
         """The module's blocks, or the error fit start would raise (``blocks`` not resolving, no

@@ -28,9 +28,12 @@ from grass_lightning.core.offload import OFFLOAD_MODES
 
 
 class OffloadingStrategy:
-    """What both strategies add to Lightning's: the offload mode, for GrassCallback to read."""
+    """What both strategies add to Lightning's: the offload mode, for GrassCallback to read. The
+    callback marks the strategy it offloads through (``offloaded_by``); the strategy never
+    imports the callback."""
 
     offload: str
+    offloaded_by: object | None = None
 
     def _init_offload(self, offload: str) -> None:
         if offload not in OFFLOAD_MODES:
@@ -39,9 +42,7 @@ class OffloadingStrategy:
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        from grass_lightning.lightning.callback import GrassCallback  # the callback imports this module
-
-        if not any(isinstance(c, GrassCallback) for c in self.lightning_module.trainer.callbacks):
+        if self.offloaded_by is None:
             rank_zero_warn(f"{type(self).__name__} found no GrassCallback: no optimizer state is offloaded.")
 
 
@@ -87,18 +88,6 @@ class GrassOffloadDDPStrategy(OffloadingStrategy, DDPStrategy):
     def __init__(self, offload: str = "park", find_unused_parameters: bool = True, **kwargs) -> None:
         super().__init__(find_unused_parameters=find_unused_parameters, **kwargs)
         self._init_offload(offload)
-
-
-def offload_strategy(strategy: str, offload: str) -> OffloadingStrategy:
-    """The offloading strategy that stands in for ``trainer.strategy`` (for the Hydra app)."""
-    if strategy in ("auto", "single_device"):
-        return GrassOffloadStrategy(offload=offload)
-    if strategy in ("ddp", "ddp_find_unused_parameters_true"):
-        return GrassOffloadDDPStrategy(offload=offload)
-    raise ValueError(
-        f"trainer.strategy={strategy!r} cannot be combined with method.offload={offload!r}: offloading "
-        f"works with trainer.strategy=auto (one device) or ddp_find_unused_parameters_true (trainer=ddp)."
-    )
 
 
 for _name, _cls, _mode in (

@@ -1,7 +1,7 @@
 """What each fine-tuning method costs, measured side by side: step time, peak memory, optimizer state.
 
-    python -m grass_lightning.bench                                  # SmolLM2-135M, batch 8, seq 128
-    python -m grass_lightning.bench --model llama_1b --precision bf16-true   # on a GPU, random weights
+    grass-bench                                  # SmolLM2-135M, batch 8, seq 128
+    grass-bench --model llama_1b --precision bf16-true   # on a GPU, random weights
 
 Every method trains in its own Python process, so each peak is its own, the way `train.py`
 trains: Lightning, `GrassModule`, the method's callback or optimizer and (for ``+park``/
@@ -86,8 +86,8 @@ class _Footprint(Callback):
     Peaks are reset when training starts, at step ``probe`` (the probe's end) and before every
     step from ``reset_from`` on. Put it before `RunStats` in the callbacks, so a reset is not timed."""
 
-    def __init__(self, layout, probe: int, reset_from: int, deep_from: int | None) -> None:
-        self.layout, self.deep_from = layout, deep_from
+    def __init__(self, layout, method, probe: int, reset_from: int, deep_from: int | None) -> None:
+        self.layout, self.method, self.deep_from = layout, method, deep_from
         self._resets = lambda index: index in (0, probe) or index >= reset_from
         self.most = 0
         self.start_mb: float | None = None
@@ -127,21 +127,7 @@ class _Footprint(Callback):
                     for p in group["params"] if id(p) not in model)
         self.most = max(self.most, held)
         if self.deep_from is not None and len(self.peaks) >= self.deep_from:
-            _force_lowest_block(trainer)
-
-
-def _force_lowest_block(trainer) -> None:
-    """Make the next step's active set include block 0, by each method's own switch."""
-    schedule = next((c.schedule for c in trainer.callbacks if getattr(c, "schedule", None) is not None), None)
-    if schedule is not None:
-        if 0 not in schedule.active:
-            schedule.activate([0, *sorted(schedule.active)[1:]])
-        return
-    optimizer = trainer.optimizers[0]
-    first = optimizer.block_prefix_list[0]  # BAdam: switch to its first block, as its own switch does
-    if optimizer.active_param_prefixs[:1] != first[:1]:
-        optimizer.current_block_idx = 0
-        optimizer.switch_trainable_params(verbose=0)
+            self.method.force_lowest_block(trainer)
 
 
 def measure(method: str, args: argparse.Namespace) -> dict:
@@ -149,10 +135,9 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from grass_lightning.app.methods import build_method
-    from grass_lightning.app.models import ModelSpec, load_model, resolve_model_path, weight_dtype
+    from grass_lightning.app.models import ModelSpec, weight_dtype
     from grass_lightning.app.module import GrassModule, OptimConfig
-    from grass_lightning.app.run import trainer_strategy
+    from grass_lightning.app.setup import setup_method, setup_model, trainer_strategy
     from grass_lightning.core.blocks import find_blocks
 
     overrides, implementation = ROWS[method]
@@ -165,17 +150,16 @@ def measure(method: str, args: argparse.Namespace) -> dict:
         cfg = compose("train", overrides=overrides)
     if args.probe_steps is not None and cfg.method.get("sampler", "uniform") != "uniform":  # rows that probe
         cfg.method.probe_steps = args.probe_steps
-    built = build_method(cfg.method, seed=0)
+    built = setup_method(cfg.method, seed=0)
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     if spec.kind != "causal_lm":
         raise ValueError(f"--model {args.model}: the benchmark trains causal LMs; {spec.name} is a {spec.kind}.")
     precision = row_precision(method, args.precision)
-    probe = sum(c.config.probe_steps for c in built.callbacks)  # none for LISA, full, LoRA, BAdam
+    probe = built.probe_steps  # none for LISA, full, LoRA, BAdam
     skip = 2 + probe  # GrassCallback runs the probe steps before max_steps updates
     deep = args.deep_steps if method not in ("full", "lora") else 0  # their every step is full-depth
     seed_everything(0)
-    model, _ = load_model(spec, resolve_model_path(spec), dtype=weight_dtype(precision))
-    model = built.prepare(model, spec.kind)
+    model = setup_model(spec, built, dtype=weight_dtype(precision))
     optim = OptimConfig(lr=built.lr, warmup_steps=0, lr_schedule="constant", accumulate_grad_batches=args.accumulate)
     module = GrassModule(model, _NextToken(), optim, built.wrap_optimizer)
     steps = skip + args.steps + args.memory_steps + deep
@@ -184,7 +168,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     tokens = torch.randint(0, vocab, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
     stats = RunStats(warmup_steps=skip)
     memory_from, deep_from = skip + args.steps, skip + args.steps + args.memory_steps
-    state = _Footprint(find_blocks(model), probe, reset_from=memory_from, deep_from=deep_from if deep else None)
+    state = _Footprint(find_blocks(model), built, probe, reset_from=memory_from, deep_from=deep_from if deep else None)
     trainer = Trainer(accelerator=args.accelerator, devices=1, precision=precision, max_steps=steps - probe,
                       strategy=trainer_strategy("auto", built),
                       callbacks=[*built.callbacks, state, stats], logger=False, enable_checkpointing=False,
@@ -194,7 +178,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     return {
         "method": method,
         "implementation": implementation,
-        "configuration": _configuration(built),
+        "configuration": built.describe(),
         "precision": _precision_cell(built, precision),
         "step_time_s": statistics.median(stats.step_times[timed]),
         "probe_step_time_s": statistics.median(stats.step_times[:probe]) if probe else None,
@@ -224,34 +208,7 @@ def _precision_cell(built, precision: str) -> str:
     """How the row holds its weights, as a table cell."""
     if precision == "bf16-mixed":
         return "bf16-mixed: fp32 weights, bf16 autocast"
-    if precision != "bf16-true":
-        return precision
-    if built.callbacks:
-        masters = built.callbacks[0].config.master_weights
-        return "bf16 weights" + (", fp32 masters of trained params" if masters else ", no masters (pure bf16)")
-    if hasattr(built, "switch_block_every"):
-        return "bf16 weights, fp32 copy of the active block (BAdam's)"
-    return "bf16 weights, pure bf16"
-
-
-_IDLE = {"drop": "dropped", "keep": "kept"}
-
-
-def _configuration(built) -> str:
-    """The row's settings, as a table cell."""
-    if built.callbacks:
-        c = built.callbacks[0].config
-        trained = [part for part, on in (("embeddings", c.train_embeddings), ("head", c.train_head)) if on]
-        return (f"γ={c.num_active}, period {c.sampling_period}, sampler {c.sampler}, {c.probe_steps} probe steps, "
-                f"{' + '.join(trained) or 'nothing else'} trained, idle moments {_IDLE[c.idle_moments]}, "
-                f"recompute {c.recompute}" + (f", offload {built.offload}" if built.offload != "none" else ""))
-    if hasattr(built, "switch_block_every"):
-        return (f"1 block, switched every {built.switch_block_every} steps, {built.switch_mode} order, moments "
-                f"dropped at a switch, embeddings {'trained as a block' if built.include_embedding else 'frozen'}, "
-                f"head {'trained as a block' if built.include_lm_head else 'frozen'}")
-    if hasattr(built, "lora"):
-        return f"r={built.lora['r']}, alpha {built.lora['lora_alpha']}, {built.lora['target_modules']}"
-    return "every parameter"
+    return built.bf16_weights() if precision == "bf16-true" else precision
 
 
 def table(rows: list[dict]) -> str:
@@ -342,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.one:
+        from grass_lightning.app.setup import configure_console
+
+        configure_console()
         print("RESULT " + json.dumps(measure(args.one, args)), flush=True)
         return
 
@@ -357,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{method:>15}: {rows[-1]['step_time_s']:.3f} s/step, whole-run peak {rows[-1]['whole_run_peak_mb']:.0f} MB, "
               f"optimizer state {rows[-1]['optimizer_state_mb']:.1f} MB on {rows[-1]['device']}", flush=True)
     report = {
-        "command": "python -m grass_lightning.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "grass-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.model, "batch_size": args.batch_size, "accumulate": args.accumulate, "seq_len": args.seq_len,
         "precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing,
         "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "wall_time_s": round(time.perf_counter() - started),

@@ -1,6 +1,6 @@
 """Gather the metrics.json of many runs (a Hydra multirun folder) into tables.
 
-    python -m grass_lightning.gather multirun/2026-11-29/17-00-00
+    grass-gather multirun/2026-11-29/17-00-00
 
 Runs are grouped by model, data (a JSONL file by its name) and method, and by the method
 settings in which runs of one model and method differ (a sweep over ``method.temperature``

@@ -14,16 +14,16 @@ shared by the methods), and report per method:
 - the validation loss at fixed update counts, and the held-out test score at the end;
 - each method's paired difference to uniform sampling, seed by seed.
 
-    python -m grass_lightning.study damaged                      # 20 runs into multirun/damaged
-    python -m grass_lightning.study damaged --summarise-only     # tables and plot from the runs
+    grass-study damaged                      # 20 runs into multirun/damaged
+    grass-study damaged --summarise-only     # tables and plot from the runs
 
 ``commonsense``: the real-data comparison, SmolLM2-135M-Instruct on `COMMONSENSE`'s five sets,
 ``--steps`` updates with a new active set every ``--period`` (GRASS probes ``--period`` steps
 first), no setting chosen on any score; per set and over the sets' mean, with each variant's
 paired difference to uniform sampling, adaptive minus static, and re-probing minus the paper's rule.
 
-    python -m grass_lightning.study commonsense --out multirun/commonsense10          # 100 runs
-    python -m grass_lightning.study commonsense --out multirun/commonsense10 --summarise-only --score accuracy_norm
+    grass-study commonsense --out multirun/commonsense10          # 100 runs
+    grass-study commonsense --out multirun/commonsense10 --summarise-only --score accuracy_norm
 
 ``precision``: the same runs of GRASS on ARC-Easy and PIQA with fp32 weights (``32-true``), bf16
 weights with fp32 master weights (``bf16-true``, the default) and pure bf16 (``bf16-true`` with
@@ -31,7 +31,7 @@ weights with fp32 master weights (``bf16-true``, the default) and pure bf16 (``b
 training: bf16 weights are the fp32 ones rounded, a different start, so the summary also
 compares what training added.
 
-    python -m grass_lightning.study precision --seeds 3 --out multirun/precision          # 18 runs
+    grass-study precision --seeds 3 --out multirun/precision          # 18 runs
 
 Runs already finished (a metrics.json) are kept, so an interrupted study continues.
 """
@@ -49,9 +49,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from grass_lightning.app.heatmap import read_history
 from grass_lightning.core.blocks import find_blocks
 from grass_lightning.tools.gather import cell, spread
-from grass_lightning.tools.heatmap import read_history
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 VARIANTS = {  # label: overrides; every block method with the same period, refresh and probe
@@ -321,7 +321,7 @@ def _plot(runs: dict, path: Path, damaged: list[int]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m grass_lightning.study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="grass-study", description=__doc__.split("\n\n")[0])
     parser.add_argument("study", choices=["damaged", *COMPARISONS])
     parser.add_argument("--model", default="minilm", help="a conf/model name, or a Hugging Face folder (default minilm)")
     parser.add_argument("--kind", default="classification", choices=["classification", "causal_lm"],
@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> None:
     args.period = args.period or (10 if damaged else 4)
     args.out = args.out or Path("multirun") / args.study
     if not args.summarise_only:
+        from grass_lightning.app.setup import configure_console
+
+        configure_console()
         args.out.mkdir(parents=True, exist_ok=True)
         run_all(args) if damaged else run_comparison(COMPARISONS[args.study], args)
     print(summarise(args.out, args.steps) if damaged else summarise_comparison(COMPARISONS[args.study], args.out, args.score))

@@ -2,7 +2,7 @@
 most important block at that step, dots = the blocks that trained. A LISA run measures no
 importance: its picture is the dots alone, the blocks trained over time.
 
-    python -m grass_lightning.heatmap outputs/<date>/<time>/csv/metrics.csv   # writes importance.png beside it
+    grass-heatmap outputs/<date>/<time>/csv/metrics.csv   # writes importance.png beside it
 
 `train.py` draws it for GRASS and LISA runs logged to CSV.
 """
