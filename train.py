@@ -9,7 +9,9 @@ import hydra
 from omegaconf import DictConfig
 
 from grass_lightning.app.run import train
-from grass_lightning.app.setup import configure_console
+from grass_lightning.app.setup import configure_console, register_method_defaults
+
+register_method_defaults()  # conf/method's YAML files take each method's defaults from its dataclass
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

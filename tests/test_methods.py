@@ -132,3 +132,19 @@ def test_a_badam_run_refuses_to_resume_before_loading_anything(tmp_path):
     cfg = compose_run(tmp_path, "model=tiny_llama", "method=badam", f"ckpt_path={checkpoint}")
     with pytest.raises(ValueError, match=r"ckpt_path=.*last\.ckpt': method=badam cannot resume a run \(BAdam's"):
         run.assemble(cfg)
+
+
+def test_a_methods_defaults_live_in_its_settings_dataclass_alone(tmp_path):
+    """conf/method/grass.yaml restated every GrassConfig default, so a default changed in
+    core/config.py did not change train.py. Now the YAML sets none of them and the composed
+    config holds the dataclass's."""
+    import dataclasses
+
+    from grass_lightning.app.methods import Badam, BlockMethod
+    from tests.helpers.app import CONF
+
+    for name, cls in (("grass", BlockMethod), ("badam", Badam)):
+        defaults = {f.name: f.default for f in dataclasses.fields(cls.Settings) if f.default is not dataclasses.MISSING}
+        assert not set(OmegaConf.load(CONF / "method" / f"{name}.yaml")) & set(defaults)
+        composed = compose_run(tmp_path, f"method={name}").method
+        assert {key: composed[key] for key in defaults} == defaults

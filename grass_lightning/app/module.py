@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from grass_lightning.app.tasks import Task
+from grass_lightning.core.checks import require_choice, require_int, require_number
 from grass_lightning.lightning.loss_scaling import loss_scaler
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -61,20 +62,17 @@ class OptimConfig:
     max_nonfinite_steps: int = 20
 
     def __post_init__(self) -> None:
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"optim.lr={self.lr!r} must be a number > 0.")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay={self.weight_decay!r} must be a number >= 0.")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0.")
-        if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"optim.lr_schedule={self.lr_schedule!r} is not one of {SCHEDULES}.")
-        if not isinstance(self.accumulate_grad_batches, int) or self.accumulate_grad_batches < 1:
-            raise ValueError(f"optim.accumulate_grad_batches={self.accumulate_grad_batches!r} must be an integer >= 1.")
-        if self.gradient_clip_val is not None and not self.gradient_clip_val >= 0:
-            raise ValueError(f"optim.gradient_clip_val={self.gradient_clip_val!r} must be >= 0 or null.")
-        if not isinstance(self.max_nonfinite_steps, int) or self.max_nonfinite_steps < 1:
-            raise ValueError(f"optim.max_nonfinite_steps={self.max_nonfinite_steps!r} must be an integer >= 1.")
+        try:
+            require_number("lr", self.lr, above=0)
+            require_number("weight_decay", self.weight_decay, at_least=0)
+            require_int("warmup_steps", self.warmup_steps, minimum=0)
+            require_choice("lr_schedule", self.lr_schedule, SCHEDULES)
+            require_int("accumulate_grad_batches", self.accumulate_grad_batches, minimum=1)
+            if self.gradient_clip_val is not None:
+                require_number("gradient_clip_val", self.gradient_clip_val, at_least=0)
+            require_int("max_nonfinite_steps", self.max_nonfinite_steps, minimum=1)
+        except ValueError as error:
+            raise ValueError(f"optim.{error}") from None
 
 
 class GrassModule(LightningModule):

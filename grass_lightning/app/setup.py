@@ -6,12 +6,14 @@ weights load; export, bench and study call the same steps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer
@@ -20,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from grass_lightning.app.export import EXPORT_LORA, check_export_dtype
-from grass_lightning.app.methods import Method, build_method
+from grass_lightning.app.methods import Badam, BlockMethod, Full, Lora, Method, build_method
 from grass_lightning.app.models import ModelSpec, load_model, model_skeleton, resolve_model_path, weight_dtype
 from grass_lightning.app.module import OptimConfig
 from grass_lightning.app.sources import Record, Splits, carve
@@ -57,6 +59,20 @@ def configure_console() -> None:
             for handler in list(own.handlers):
                 own.removeHandler(handler)
             own.propagate = True
+
+
+METHOD_DEFAULTS = {"grass_defaults": BlockMethod, "badam_defaults": Badam, "lora_defaults": Lora, "full_defaults": Full}
+
+
+def register_method_defaults() -> None:
+    """Make each method's defaults, its ``Settings`` dataclass fields that have one (and
+    ``offload: none``), a Hydra config ``method/<name>_defaults`` that its YAML lists first, so a
+    default lives in the dataclass alone and the YAML sets only what differs. Plain nodes, not
+    typed ones: the method's own checks name ``method.<key>=<value>``. Call before composing."""
+    store = ConfigStore.instance()
+    for name, cls in METHOD_DEFAULTS.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(cls.Settings) if f.default is not dataclasses.MISSING}
+        store.store(group="method", name=name, node={"offload": "none", **defaults})
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -242,6 +258,6 @@ def _loggers(node: DictConfig | None):
     return [instantiate(c) for c in node.values() if c is not None]
 
 
-__all__ = ["DataSetup", "check_checkpoint", "check_config", "check_data", "check_model",
+__all__ = ["DataSetup", "register_method_defaults", "check_checkpoint", "check_config", "check_data", "check_model",
            "check_precision", "check_trainer", "configure_console", "read_records", "setup_data", "setup_method",
            "setup_model", "setup_optim", "setup_task", "setup_trainer", "trainer_strategy"]

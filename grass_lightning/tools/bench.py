@@ -137,7 +137,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
 
     from grass_lightning.app.models import ModelSpec, weight_dtype
     from grass_lightning.app.module import GrassModule, OptimConfig
-    from grass_lightning.app.setup import setup_method, setup_model, trainer_strategy
+    from grass_lightning.app.setup import register_method_defaults, setup_method, setup_model, trainer_strategy
     from grass_lightning.core.blocks import find_blocks
 
     overrides, implementation = ROWS[method]
@@ -146,6 +146,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
         overrides.append(f"method.switch_block_every={args.sampling_period}")
     elif method not in ("full", "lora"):
         overrides.append(f"method.sampling_period={args.sampling_period}")
+    register_method_defaults()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     if args.probe_steps is not None and cfg.method.get("sampler", "uniform") != "uniform":  # rows that probe

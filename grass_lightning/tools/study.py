@@ -120,6 +120,7 @@ def run_all(args: argparse.Namespace) -> None:
     from hydra import compose, initialize_config_dir
 
     from grass_lightning.app.run import train
+    from grass_lightning.app.setup import register_method_defaults
 
     folder = args.out / "damaged_model"
     damage = json.loads((folder / "damage.json").read_text()) if (folder / "damage.json").is_file() else None
@@ -140,6 +141,7 @@ def run_all(args: argparse.Namespace) -> None:
             run_dir = args.out / label / f"seed{seed}"
             if (run_dir / "metrics.json").is_file():
                 continue
+            register_method_defaults()
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
                 cfg = compose("train", overrides=[*common, *method, f"seed={seed}", f"paths.output_dir={run_dir}"])
             print(f"damaged study: {label} seed {seed}", flush=True)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from grass_lightning.app.setup import register_method_defaults
+
 CONF = Path(__file__).resolve().parents[2] / "conf"
 FAST = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", "data.val_size=4", "data.test_size=6", "data.batch_size=4",
@@ -14,6 +16,7 @@ FAST = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_ever
 
 
 def compose_run(tmp_path: Path, *overrides: str):
+    register_method_defaults()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=[f"paths.output_dir={tmp_path}", *FAST, *overrides])
 
