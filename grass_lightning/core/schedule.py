@@ -147,13 +147,13 @@ class GrassSchedule:
         self.step += 1
         if self.probing:
             return
-        trained = self.step - self.config.probe_steps
-        if trained == 0:  # the probe just ended
+        updates = self.step - self.config.probe_steps
+        if updates == 0:  # the probe just ended
             self._refresh()
             self._draw()
-        elif self._refreshing and trained % self.config.refresh_interval == 0:
+        elif self._reads_training_steps and updates % self.config.refresh_interval == 0:
             self._refresh()
-        if trained and trained % self.config.sampling_period == 0:
+        if updates and updates % self.config.sampling_period == 0:
             self._draw()
         elif self.reprobing != self._idle_open:
             self._activate()  # a re-probe begins or ends
@@ -185,8 +185,9 @@ class GrassSchedule:
         return [b for b in range(len(self._blocks)) if self.probing or b not in self.active]
 
     @property
-    def _refreshing(self) -> bool:
-        """Whether training steps are measured: uniform (LISA) and static never use a new measurement."""
+    def _reads_training_steps(self) -> bool:
+        """Whether the sampler reads training steps (a constant of the config): uniform (LISA) and
+        static never use a new measurement."""
         return self.config.sampler == "grass"
 
     def _listen(self, blocks: Sequence[int], free: Sequence[int] = ()) -> None:
@@ -224,7 +225,7 @@ class GrassSchedule:
         if self._idle_open:
             self.active_set.open_all_blocks()
             self._listen(range(len(self._blocks)), free=self._idle())
-        elif self._refreshing and not self.config.reprobe_steps:
+        elif self._reads_training_steps and not self.config.reprobe_steps:
             self._listen(self.active)
         else:
             self._remove_probe()

@@ -19,6 +19,8 @@ from lightning.pytorch.strategies import (
     StrategyRegistry,
 )
 
+from grass_lightning.lightning.compat import ddp_kwargs
+
 _SHARDING = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
 
 
@@ -33,7 +35,7 @@ def check_block_strategy(strategy: Strategy | str) -> None:
         find_unused = entry["init_params"].get("find_unused_parameters", _default_find_unused(cls))
     else:
         cls = type(strategy)
-        find_unused = getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
+        find_unused = ddp_kwargs(strategy).get("find_unused_parameters", False)
     if issubclass(cls, _SHARDING):
         raise ValueError(
             f"{cls.__name__} shards parameters and optimizer state itself, so single blocks cannot be frozen "

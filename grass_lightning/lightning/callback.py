@@ -32,11 +32,7 @@ moments return to the optimizer, and the Trainer gets back its ``max_steps`` and
 
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
-from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -49,8 +45,10 @@ from grass_lightning.core.masters import HALF, keep_fp32_state
 from grass_lightning.core.offload import check_offload
 from grass_lightning.core.schedule import GrassSchedule
 from grass_lightning.lightning.block_strategies import check_block_strategy
+from grass_lightning.lightning.compat import optimizer_unscales_itself
 from grass_lightning.lightning.ddp_buckets import DDPBuckets
 from grass_lightning.lightning.loss_scaling import loss_scaler
+from grass_lightning.lightning.probe_accounting import ProbeAccounting
 from grass_lightning.lightning.strategy import OffloadingStrategy
 
 
@@ -100,12 +98,10 @@ class GrassCallback(Callback):
         self._layout: BlockLayout | None = None
         self._saved_state: dict | None = None
         self._stepped = False
-        self._user_max_steps: int | None = None  # the Trainer's, given back when fit ends
-        self._user_max_epochs: int | None = None
-        self._lr_before_probe: list[tuple[dict, list[float]]] | None = None
+        self._probe_accounting = ProbeAccounting()
         self._ddp_buckets = DDPBuckets()
         self._keep_fp32: list = []  # load hooks from fit start to train start (see `keep_fp32_state`)
-        self.last_step = ""  # what the last step did, for a progress bar: "probe" or the blocks, "3,17"
+        self.last_step: tuple[bool, list[int]] | None = None  # whether the last step probed, what it trained
 
     @property
     @override
@@ -136,7 +132,7 @@ class GrassCallback(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         scaler = loss_scaler(trainer)
-        if scaler is not None and any(_optimizer_handles_unscaling(opt) for opt in trainer.optimizers):
+        if scaler is not None and any(optimizer_unscales_itself(opt) for opt in trainer.optimizers):
             raise MisconfigurationException(
                 "GrassCallback with fp16 loss scaling and an optimizer that unscales inside its step "
                 "(e.g. AdamW(fused=True)): a probe step drops every block gradient before that step, "
@@ -154,15 +150,14 @@ class GrassCallback(Callback):
         half = bool(dtypes & set(HALF))
         if half and self.config.master_weights:  # Lightning restores optimizer state before on_train_start
             self._keep_fp32 = [handle for opt in trainer.optimizers for handle in keep_fp32_state(opt)]
-        if self.config.probe_steps:
-            self._extend_for_the_probe(trainer)
+        self._probe_accounting.extend(trainer, self.config.probe_steps)
         tied = layout.tied() and self.config.train_embeddings != self.config.train_head
         offload = _offload_mode(trainer)
         rank_zero_info(
             f"GRASS: {len(layout)} blocks at {layout.path!r}, training {self.config.num_active} at a time "
             f"(sampler={self.config.sampler!r}, probe_steps={self.config.probe_steps}, offload={offload!r})."
             + (f" The {self.config.probe_steps} probe steps come before the {trainer.max_steps - self.config.probe_steps} "
-               f"updates: training ends at global step {trainer.max_steps}." if self._user_max_steps is not None else "")
+               f"updates: training ends at global step {trainer.max_steps}." if self._probe_accounting.extended else "")
             + (" The LM head is the input embedding matrix (tied), so it trains only with train_embeddings=True "
                "and train_head=True." if tied else "")
             + (f" Weights in {_dtype_name(dtypes)}: "
@@ -195,7 +190,7 @@ class GrassCallback(Callback):
         if self._saved_state is not None:
             self.schedule.load_state_dict(self._saved_state)
         self.schedule.start()
-        self._lr_before_probe = None
+        self._probe_accounting.start()
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
@@ -215,27 +210,21 @@ class GrassCallback(Callback):
         # Before every forward, whatever changed the trainable set since the last (a draw, the probe's
         # end, `GrassSchedule.activate`, a state loaded mid-fit): DDP buckets for what this step trains.
         self._ddp_buckets.resize(trainer.strategy)
-        if self._lr_before_probe is not None:  # after a probe step: undo schedulers stepped after the
-            self._hold_lr(trainer)              # batch's end (ReduceLROnPlateau, an epoch's end)
-            if not self.schedule.probing:
-                self._lr_before_probe = None
-        if self.schedule is not None and self.schedule.probing and self._lr_before_probe is None:
-            self._lr_before_probe = [
-                (copy.deepcopy(config.scheduler.state_dict()), [g["lr"] for g in config.scheduler.optimizer.param_groups])
-                for config in trainer.lr_scheduler_configs
-            ]
+        if self.schedule is not None:
+            self._probe_accounting.before_batch(trainer, self.schedule.probing)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if self.schedule is None or not self._stepped:
             return  # a micro-batch inside gradient accumulation
         self._stepped = False
-        probing, trained = self.schedule.probing, [] if self.schedule.probing else list(self.schedule.active)
+        probing = self.schedule.probing
+        trained_blocks = [] if probing else list(self.schedule.active)
         if probing:
-            self._hold_lr(trainer)
+            self._probe_accounting.hold(trainer)  # before a checkpoint of this step is written
         self.schedule.end_step()
-        self.last_step = "probe" if probing else ",".join(map(str, trained))
-        self._log(pl_module, probing, trained)
+        self.last_step = (probing, trained_blocks)
+        self._log(pl_module, probing, trained_blocks)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -257,40 +246,12 @@ class GrassCallback(Callback):
             self._saved_state = self.schedule.state_dict()
             self.schedule.close()
             self.schedule = None
-        if self._user_max_steps is not None:
-            trainer.fit_loop.epoch_loop.max_steps = self._user_max_steps
-            self._user_max_steps = None
-        if self._user_max_epochs is not None:
-            trainer.fit_loop.max_epochs = self._user_max_epochs
-            self._user_max_epochs = None
-
-    def _extend_for_the_probe(self, trainer: Trainer) -> None:
-        """Add the probe's steps to the fit, so that they take no update from it."""
-        loop, probe = trainer.fit_loop, self.config.probe_steps
-        if trainer.max_steps > 0:
-            self._user_max_steps = trainer.max_steps
-            loop.epoch_loop.max_steps = trainer.max_steps + probe
-        elif trainer.max_steps == -1 and (trainer.max_epochs or 0) > 0:
-            total = trainer.estimated_stepping_batches  # the optimizer steps max_epochs makes
-            if math.isinf(total):
-                rank_zero_warn(f"GrassCallback: a run bounded by max_epochs over data of unknown length: the probe's "
-                               f"{probe} steps come out of its updates. Set max_steps to count updates.")
-                return
-            self._user_max_steps, self._user_max_epochs = trainer.max_steps, trainer.max_epochs
-            loop.epoch_loop.max_steps = int(total) + probe
-            loop.max_epochs = trainer.max_epochs + math.ceil(probe / max(1, int(total) // trainer.max_epochs))
+        self._probe_accounting.restore(trainer)
 
     def _remove_keep_fp32(self) -> None:
         for handle in self._keep_fp32:
             handle.remove()
         self._keep_fp32 = []
-
-    def _hold_lr(self, trainer: Trainer) -> None:
-        """Undo what LR schedulers did in a probe step (Lightning or the module stepped them by now)."""
-        for config, (state, lrs) in zip(trainer.lr_scheduler_configs, self._lr_before_probe or []):
-            config.scheduler.load_state_dict(copy.deepcopy(state))
-            for group, lr in zip(config.scheduler.optimizer.param_groups, lrs):
-                group["lr"] = lr
 
     @override
     def state_dict(self) -> dict:
@@ -303,7 +264,7 @@ class GrassCallback(Callback):
             self.schedule.load_state_dict(state_dict)
             self.schedule.start()
 
-    def _log(self, pl_module: LightningModule, probing: bool, trained: list[int]) -> None:
+    def _log(self, pl_module: LightningModule, probing: bool, trained_blocks: list[int]) -> None:
         """Log the step just taken: whether it probed and which blocks it trained; the importance
         and probabilities as they stand after it (refreshed, ready for the next draw)."""
         schedule = self.schedule
@@ -313,7 +274,7 @@ class GrassCallback(Callback):
         for block in range(len(importance)):
             metrics[f"grass/importance/{block:02d}"] = importance[block].item()
             metrics[f"grass/probability/{block:02d}"] = probabilities[block].item()
-            metrics[f"grass/active/{block:02d}"] = float(block in trained)
+            metrics[f"grass/active/{block:02d}"] = float(block in trained_blocks)
         if schedule.masters:
             metrics["grass/masters_mb"] = sum(m.master_bytes() for m in schedule.masters) / 2**20
         if schedule.offloader is not None:

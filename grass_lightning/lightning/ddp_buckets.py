@@ -16,6 +16,8 @@ from __future__ import annotations
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from torch.nn.parallel import DistributedDataParallel
 
+from grass_lightning.lightning.compat import ddp_kwargs_set
+
 
 class DDPBuckets:
     """Re-wraps ``strategy``'s model when the parameters requiring gradients change.
@@ -36,15 +38,8 @@ class DDPBuckets:
         if strategy.model is self._wrapper and trainable == self._wrapped_for:
             return False
         strategy.model = module  # unwrapped: configure_ddp wraps a LightningModule
-        kwargs = strategy._ddp_kwargs  # Lightning passes these to DistributedDataParallel
-        had, kwargs["init_sync"] = kwargs.get("init_sync"), False
-        try:
+        with ddp_kwargs_set(strategy, init_sync=False):
             strategy.configure_ddp()
-        finally:
-            if had is None:
-                del kwargs["init_sync"]
-            else:
-                kwargs["init_sync"] = had
         self._wrapper, self._wrapped_for = strategy.model, trainable
         return True
 

@@ -18,6 +18,7 @@ class GrassProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer, pl_module) -> dict:
         items = super().get_metrics(trainer, pl_module)
         for callback in trainer.callbacks:
-            if isinstance(callback, GrassCallback) and callback.last_step:
-                items["active"] = callback.last_step
+            if isinstance(callback, GrassCallback) and callback.last_step is not None:
+                probed, blocks = callback.last_step
+                items["active"] = "probe" if probed else ",".join(map(str, blocks))
         return items
