@@ -1,16 +1,23 @@
 """GRASS for PyTorch Lightning: train a few transformer blocks at a time, chosen by importance.
 
-Layers, each depending only on the ones before it:
+Layers, each importing only the ones below it (enforced by import-linter: pyproject.toml,
+``tests/test_layers.py``), with no import cycle inside a layer:
 
 - `grass_lightning.core`: the algorithm in plain PyTorch (blocks, importance, probe, sampling,
-  active set, schedule, config, offload);
-- `grass_lightning.lightning`: Lightning adapters (GrassCallback, offloading strategies,
-  progress bar, checkpoint I/O);
-- `grass_lightning.app`: the Hydra app behind ``train.py`` (module, data, tasks, models, methods);
-- `grass_lightning.tools`: bench, gather, heatmap, study (``python -m grass_lightning.<tool>``).
+  active set, schedule, config and its checks, offload, recompute, masters);
+- `grass_lightning.lightning`: Lightning adapters (GrassCallback, the probe's step accounting,
+  DDP buckets, offloading strategies, progress bar, checkpoint I/O); Lightning's private API
+  only in ``lightning/compat.py``;
+- `grass_lightning.app`: the Hydra app behind ``train.py``: setup steps (``app/setup.py``), the
+  methods (``app/methods.py``: one `Method` class each, with a ``Settings`` dataclass), the
+  module (`FineTuningModule`), tasks (a `Task` protocol), data, models, export and the heat-map;
+- `grass_lightning.tools`: bench, gather and study.
+
+Commands (``[project.scripts]``): ``grass-bench``, ``grass-export``, ``grass-gather``,
+``grass-heatmap``, ``grass-study``; each also runs as ``python -m grass_lightning.<layer>.<tool>``.
 """
 
-from grass_lightning.app.module import GrassModule
+from grass_lightning.app.module import FineTuningModule, GrassModule
 from grass_lightning.core.blocks import BlockLayout, find_blocks
 from grass_lightning.core.config import GrassConfig
 from grass_lightning.core.offload import MomentOffloader
@@ -20,6 +27,7 @@ from grass_lightning.lightning.strategy import GrassOffloadDDPStrategy, GrassOff
 
 __all__ = [
     "BlockLayout",
+    "FineTuningModule",
     "GrassCallback",
     "GrassConfig",
     "GrassModule",

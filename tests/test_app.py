@@ -69,7 +69,7 @@ def test_badam_runs_from_the_config_and_trains_one_block(tmp_path, data_files):
 
 @pytest.mark.slow
 def test_the_logged_learning_rate_is_the_one_each_step_ran_at_held_through_the_probe(tmp_path, data_files):
-    """GrassModule logged the scheduler's LR after stepping it: during the probe, the value the
+    """FineTuningModule logged the scheduler's LR after stepping it: during the probe, the value the
     callback then undid."""
     cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
                       "method.probe_steps=2", "optim.warmup_steps=4", "optim.lr=1e-3", "export=false",

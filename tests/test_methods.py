@@ -1,5 +1,5 @@
 """The methods as conf/method builds them: LISA as published, LISA's choice with GRASS's settings,
-and BAdam by its own package under GrassModule."""
+and BAdam by its own package under FineTuningModule."""
 
 import argparse
 
@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from grass_lightning import GrassConfig
 from grass_lightning.app.methods import build_method
-from grass_lightning.app.module import GrassModule, OptimConfig
+from grass_lightning.app.module import FineTuningModule, OptimConfig
 from grass_lightning.core.blocks import find_blocks
 from grass_lightning.tools.bench import _NextToken
 from tests.helpers.app import compose_run
@@ -57,7 +57,7 @@ def test_badam_trains_one_block_at_a_time_by_its_own_optimizer(tmp_path, mode):
     layout = find_blocks(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     seen = _Seen(layout)
-    module = GrassModule(model, _NextToken(), OptimConfig(lr=1e-3, gradient_clip_val=1e-4), method.wrap_optimizer)
+    module = FineTuningModule(model, _NextToken(), OptimConfig(lr=1e-3, gradient_clip_val=1e-4), method.wrap_optimizer)
     trainer = Trainer(max_steps=8, callbacks=[seen], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)
     tokens = torch.randint(3, VOCAB, (32, 8), generator=torch.Generator().manual_seed(0))
@@ -80,7 +80,7 @@ def test_badam_groups_carry_the_configured_weight_decay_not_adamws_default(tmp_p
     pytest.importorskip("badam")
     method = _built(tmp_path, "method=badam")
     model = tiny_hf("llama")
-    module = GrassModule(model, _NextToken(), OptimConfig(lr=1e-3, weight_decay=weight_decay), method.wrap_optimizer)
+    module = FineTuningModule(model, _NextToken(), OptimConfig(lr=1e-3, weight_decay=weight_decay), method.wrap_optimizer)
     module.trainer = argparse.Namespace(max_steps=4)
     [optimizer], _ = module.configure_optimizers()
     groups = optimizer.base_optimizer.param_groups

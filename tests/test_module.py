@@ -1,4 +1,4 @@
-"""GrassModule's own duties: LR schedule, accumulation and mixed precision under manual optimization."""
+"""FineTuningModule's own duties: LR schedule, accumulation and mixed precision under manual optimization."""
 
 import json
 
@@ -60,12 +60,12 @@ class _PoisonedTokens:
 def test_a_step_with_nonfinite_gradients_is_skipped_counted_and_unseen_by_grass():
     import torch
 
-    from grass_lightning import GrassCallback, GrassModule
+    from grass_lightning import GrassCallback, FineTuningModule
     from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
 
     tokens = torch.randint(0, VOCAB - 1, (12 * 4, 8), generator=torch.Generator().manual_seed(0))
     tokens[[4 * 1, 4 * 5], 0] = _PoisonedTokens.POISON  # batch 1 (probing) and batch 5 (training)
-    module = GrassModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, warmup_steps=0))
+    module = FineTuningModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, warmup_steps=0))
     grass = GrassCallback(num_active=2, sampling_period=2, refresh_interval=2, probe_steps=2, seed=0)
     trainer = quiet_trainer(max_steps=8, callbacks=[grass])
     trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=4))
@@ -85,7 +85,7 @@ def test_clipping_reuses_the_finiteness_norm_and_bounds_every_update():
     import torch
     from lightning.pytorch import Callback
 
-    from grass_lightning import GrassModule
+    from grass_lightning import FineTuningModule
     from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
 
     class Norms(Callback):
@@ -100,7 +100,7 @@ def test_clipping_reuses_the_finiteness_norm_and_bounds_every_update():
             trainer.optimizers[0].register_step_post_hook(after_step)
 
     tokens = torch.randint(0, VOCAB, (6 * 4, 8), generator=torch.Generator().manual_seed(0))
-    module = GrassModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, warmup_steps=0, gradient_clip_val=0.05))
+    module = FineTuningModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, warmup_steps=0, gradient_clip_val=0.05))
     norms = Norms()
     quiet_trainer(max_steps=6, callbacks=[norms]).fit(module, torch.utils.data.DataLoader(tokens, batch_size=4))
     assert len(norms.seen) == 6
@@ -125,13 +125,13 @@ def test_probe_steps_leave_the_warmup_to_the_updates(probe_steps):
     the same number of updates, and the schedule counts updates (warm-up 3, cosine to max_steps)."""
     import torch
 
-    from grass_lightning import GrassCallback, GrassModule
+    from grass_lightning import GrassCallback, FineTuningModule
     from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
 
     tokens = torch.randint(0, VOCAB, (24 * 4, 8), generator=torch.Generator().manual_seed(0))
     lrs = {}
     for sampler, probe in (("uniform", 0), ("grass", probe_steps)):
-        module = GrassModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, warmup_steps=3))
+        module = FineTuningModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, warmup_steps=3))
         seen = _UpdateLRs()
         grass = GrassCallback(num_active=2, sampling_period=2, probe_steps=probe, sampler=sampler, seed=0)
         trainer = quiet_trainer(max_steps=8, callbacks=[grass, seen])
@@ -147,12 +147,12 @@ def test_a_run_whose_every_loss_is_nan_stops_with_a_clear_error_instead_of_runni
     """Skipped non-finite steps do not count toward max_steps, so an all-NaN run never ended."""
     import torch
 
-    from grass_lightning import GrassModule
+    from grass_lightning import FineTuningModule
     from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
 
     tokens = torch.randint(0, VOCAB - 1, (12 * 4, 8), generator=torch.Generator().manual_seed(0))
     tokens[:, 0] = _PoisonedTokens.POISON  # every batch
-    module = GrassModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, max_nonfinite_steps=5))
+    module = FineTuningModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, max_nonfinite_steps=5))
     trainer = quiet_trainer(max_steps=3)
     with pytest.raises(FloatingPointError, match=r"5 optimizer steps in a row .*optim\.max_nonfinite_steps=5.*max_length"):
         trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=4))
@@ -162,12 +162,12 @@ def test_a_run_whose_every_loss_is_nan_stops_with_a_clear_error_instead_of_runni
 def test_nonfinite_steps_that_are_not_in_a_row_do_not_stop_the_run():
     import torch
 
-    from grass_lightning import GrassModule
+    from grass_lightning import FineTuningModule
     from tests.helpers.models import VOCAB, quiet_trainer, tiny_hf
 
     tokens = torch.randint(0, VOCAB - 1, (12 * 4, 8), generator=torch.Generator().manual_seed(0))
     tokens[::8, 0] = _PoisonedTokens.POISON  # every other batch
-    module = GrassModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, max_nonfinite_steps=2))
+    module = FineTuningModule(tiny_hf("llama"), _PoisonedTokens(), OptimConfig(lr=1e-2, max_nonfinite_steps=2))
     trainer = quiet_trainer(max_steps=6)
     trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=4))
     assert module.nonfinite_steps == 6 and trainer.global_step == 6

@@ -54,7 +54,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: str |
     method = setup_method(cfg.method, cfg.seed)
     dtype = weight_dtype(cfg.trainer.get("precision"))  # the checkpoint's weights: bf16 after a bf16-true run
     model = method.prepare(untrained_model(spec, path, len(labels) if labels else None, dtype), spec.kind)
-    module = nn.ModuleDict({"model": model})  # the keys GrassModule's checkpoints use
+    module = nn.ModuleDict({"model": model})  # the keys FineTuningModule's checkpoints use
     check_checkpoint(str(checkpoint), {key: tuple(t.shape) for key, t in module.state_dict().items()})
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)

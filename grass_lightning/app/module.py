@@ -1,4 +1,4 @@
-"""GrassModule: a Hugging Face model fine-tuned with manual optimization.
+"""FineTuningModule: a Hugging Face model fine-tuned with manual optimization.
 
 One AdamW over all parameters (weight decay on matrices only); the GrassCallback decides which
 of them have gradients, and AdamW skips the rest. Manual optimization because Lightning refuses
@@ -75,7 +75,7 @@ class OptimConfig:
             raise ValueError(f"optim.{error}") from None
 
 
-class GrassModule(LightningModule):
+class FineTuningModule(LightningModule):
     """Fine-tunes ``model`` on ``task`` with AdamW, accumulation, clipping and an LR schedule.
 
     Args:
@@ -201,3 +201,6 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
         return (step + 1) / (warmup + 1)
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)
     return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[kind]
+
+
+GrassModule = FineTuningModule  # its name before it said that it trains every method, not only GRASS

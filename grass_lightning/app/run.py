@@ -25,7 +25,7 @@ from grass_lightning.app.export import export_model
 from grass_lightning.app.heatmap import draw as draw_heatmap
 from grass_lightning.app.methods import Method
 from grass_lightning.app.models import ModelSpec, load_tokenizer, resolve_model_path
-from grass_lightning.app.module import GrassModule
+from grass_lightning.app.module import FineTuningModule
 from grass_lightning.app.setup import (check_config, check_model, check_precision, setup_data, setup_method,
                                        setup_model, setup_optim, setup_task, setup_trainer, trainer_strategy)
 from grass_lightning.app.sources import Splits
@@ -45,7 +45,7 @@ class RunObjects:
     splits: Splits
     tokenizer: object
     task: Task
-    module: GrassModule
+    module: FineTuningModule
     datamodule: SplitsDataModule
     trainer: Trainer
     stats: RunStats
@@ -106,7 +106,7 @@ def assemble(cfg: DictConfig) -> RunObjects:
 
     seed_everything(cfg.seed, workers=True)
     model = setup_model(spec, method, model_path, num_labels, tokenizer, dtype)
-    module = GrassModule(model, task, optim, method.wrap_optimizer)
+    module = FineTuningModule(model, task, optim, method.wrap_optimizer)
     datamodule = SplitsDataModule(data.splits, task, cfg.data.batch_size, cfg.data.eval_batch_size, seed=cfg.seed)
     stats = RunStats()
     trainer = setup_trainer(cfg.trainer, method, cfg.callbacks, cfg.get("logger"), extra=[stats])

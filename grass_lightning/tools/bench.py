@@ -4,7 +4,7 @@
     grass-bench --model llama_1b --precision bf16-true   # on a GPU, random weights
 
 Every method trains in its own Python process, so each peak is its own, the way `train.py`
-trains: Lightning, `GrassModule`, the method's callback or optimizer and (for ``+park``/
+trains: Lightning, `FineTuningModule`, the method's callback or optimizer and (for ``+park``/
 ``+stream``) the offloading strategy. The peers run their own code: BAdam is the ``badam``
 package's ``BlockOptimizer``; LoRA is peft. ``lisa`` is LISA as published (LMFlow's rule), run
 by our GrassCallback, as the table's implementation column says. Batches are random tokens:
@@ -65,15 +65,25 @@ ROWS = {  # the bench's rows: overrides of the Hydra config (conf/method), and w
 
 
 class _NextToken:
-    """Causal-LM loss on the batch itself: the task `GrassModule` trains in the benchmark."""
+    """Causal-LM loss on the batch itself: the `Task` `FineTuningModule` trains in the benchmark,
+    over rows of token ids."""
 
     score_name = "loss"
+
+    def collate(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(rows)
+
+    collate_eval = collate
 
     def metrics(self) -> torchmetrics.MetricCollection:
         return torchmetrics.MetricCollection({"loss": torchmetrics.MeanMetric()})
 
     def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
         return causal_lm_loss(model, batch, batch)  # as the app's causal-LM tasks compute it
+
+    @torch.no_grad()
+    def update(self, metrics: torchmetrics.MetricCollection, model, batch: torch.Tensor) -> None:
+        metrics["loss"].update(self.loss(model, batch))
 
 
 class _Footprint(Callback):
@@ -136,7 +146,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
 
     from grass_lightning.app.models import ModelSpec, weight_dtype
-    from grass_lightning.app.module import GrassModule, OptimConfig
+    from grass_lightning.app.module import FineTuningModule, OptimConfig
     from grass_lightning.app.setup import register_method_defaults, setup_method, setup_model, trainer_strategy
     from grass_lightning.core.blocks import find_blocks
 
@@ -162,7 +172,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     seed_everything(0)
     model = setup_model(spec, built, dtype=weight_dtype(precision))
     optim = OptimConfig(lr=built.lr, warmup_steps=0, lr_schedule="constant", accumulate_grad_batches=args.accumulate)
-    module = GrassModule(model, _NextToken(), optim, built.wrap_optimizer)
+    module = FineTuningModule(model, _NextToken(), optim, built.wrap_optimizer)
     steps = skip + args.steps + args.memory_steps + deep
     vocab = model.get_input_embeddings().num_embeddings
     rows = steps * args.batch_size * args.accumulate
@@ -174,7 +184,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
                       strategy=trainer_strategy("auto", built),
                       callbacks=[*built.callbacks, state, stats], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=args.batch_size))
+    trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=args.batch_size, collate_fn=module.task.collate))
     timed, memory, deeps = slice(skip, memory_from), slice(memory_from, deep_from), slice(deep_from, None)
     return {
         "method": method,
