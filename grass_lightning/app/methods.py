@@ -102,6 +102,11 @@ class Method:
         """Make the next step train the lowest block (the deepest backward), by the method's own
         switch; a method that trains every block in every step has nothing to do."""
 
+    def stepping_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        """The optimizer whose state and parameter groups hold what the step updates (the bench
+        counts its bytes): the one `wrap_optimizer` returned, unless that wraps another."""
+        return optimizer
+
 
 class Full(Method):
     """Every parameter trains."""
@@ -257,6 +262,9 @@ class Badam(Method):
 
     def bf16_weights(self) -> str:
         return "bf16 weights, fp32 copy of the active block (BAdam's)"
+
+    def stepping_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        return optimizer.base_optimizer  # AdamW over BAdam's fp32 copies of the active block
 
     def force_lowest_block(self, trainer: Trainer) -> None:
         optimizer = trainer.optimizers[0]

@@ -129,7 +129,7 @@ class _Footprint(Callback):
             return  # a micro-batch within a step
         self._steps, self._open = trainer.global_step, False
         self.peaks.append(peak_memory_mb(pl_module.device))
-        bases = [getattr(opt, "base_optimizer", opt) for opt in trainer.optimizers]  # BAdam's wraps AdamW
+        bases = [self.method.stepping_optimizer(opt) for opt in trainer.optimizers]  # BAdam's wraps AdamW
         held = sum(t.untyped_storage().nbytes() for base in bases for param_state in base.state.values()
                    for t in param_state.values() if torch.is_tensor(t) and t.dim() > 0 and t.device == pl_module.device)
         model = {id(p) for p in pl_module.parameters()}  # BAdam steps fp32 copies of its block: masters too
@@ -159,9 +159,10 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     register_method_defaults()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    if args.probe_steps is not None and cfg.method.get("sampler", "uniform") != "uniform":  # rows that probe
-        cfg.method.probe_steps = args.probe_steps
     built = setup_method(cfg.method, seed=0)
+    if args.probe_steps is not None and built.probe_steps:  # rows that probe
+        cfg.method.probe_steps = args.probe_steps
+        built = setup_method(cfg.method, seed=0)
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     if spec.kind != "causal_lm":
         raise ValueError(f"--model {args.model}: the benchmark trains causal LMs; {spec.name} is a {spec.kind}.")
