@@ -48,6 +48,7 @@ import torchmetrics
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from grass_lightning.app.lm_loss import causal_lm_loss
+from grass_lightning.core.checks import require_int
 from grass_lightning.lightning.stats import RunStats, current_memory_mb, peak_memory_mb, reset_peak_memory
 
 ROWS = {  # the bench's rows: overrides of the Hydra config (conf/method), and whose code runs
@@ -300,16 +301,18 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in methods if m not in ROWS]
     if unknown:
         parser.error(f"--methods: {unknown[0]!r} is not one of {', '.join(ROWS)}")
-    if args.deep_steps < 0:
-        parser.error(f"--deep-steps={args.deep_steps} must be >= 0")
+    minimums = {"deep_steps": 0, **dict.fromkeys(("batch_size", "seq_len", "accumulate", "steps", "memory_steps",
+                                                   "sampling_period"), 1)}
+    for name, minimum in minimums.items():
+        try:
+            require_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum)
+        except ValueError as error:
+            parser.error(str(error))
     if "badam" in methods:
         try:
             import badam  # noqa: F401
         except ImportError:
             parser.error('--methods: badam needs the badam package: pip install "grass-lightning[peers]"')
-    for name in ("batch_size", "seq_len", "accumulate", "steps", "memory_steps", "sampling_period"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.one:
         from grass_lightning.app.setup import configure_console
 
