@@ -6,20 +6,24 @@
 """
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from grass_lightning.app.run import train
-from grass_lightning.app.setup import configure_console, register_method_defaults
+from grass_lightning.app.setup import check_objective, configure_console, register_method_defaults
 
 register_method_defaults()  # conf/method's YAML files take each method's defaults from its dataclass
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     configure_console()
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        check_objective(cfg)  # before any training: a sweep needs a validation score to choose on
     metrics, objects = train(cfg)
     objects.release()  # a multirun trains its next job in this process
-    return metrics["score"]  # what a sweeper optimizes
+    return metrics["val_score"]  # what a sweeper optimizes: the validation score, never the test score
 
 
 if __name__ == "__main__":

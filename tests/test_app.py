@@ -82,6 +82,35 @@ def test_the_logged_learning_rate_is_the_one_each_step_ran_at_held_through_the_p
 
 
 @pytest.mark.slow
+def test_train_py_returns_the_validation_score_to_a_sweeper_never_the_test_score(tmp_path, data_files):
+    """main returned metrics["score"], the test score: any sweeper tuned on the test split."""
+    import train as train_py
+
+    cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
+                      "data.val_size=8", "data.test_size=12", "export=false", "test_before=false")
+    returned = train_py.main(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert returned == metrics["val_scores"][metrics["score_name"]]  # before: the test score, metrics["score"]
+    assert returned != metrics["score"] and returned == metrics["val_score"]
+
+
+def test_a_sweep_without_a_validation_split_fails_before_training(tmp_path, data_files, monkeypatch):
+    from grass_lightning.app.setup import check_objective
+
+    monkeypatch.setattr(setup, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    for override, key in (("data.val_size=0", r"data\.val_size=0"), ("+trainer.limit_val_batches=0", r"trainer\.limit_val_batches=0")):
+        cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}", override)
+        with pytest.raises(ValueError, match=key + ": a sweep chooses on the validation score"):
+            check_objective(cfg)
+    done = subprocess.run([sys.executable, "train.py", "-m", "model=tiny_llama", "data=jsonl",
+                           f"data.path={data_files['choice']}", "data.val_size=0", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                           "trainer.enable_progress_bar=false", "~callbacks.progress_bar"],
+                          cwd=CONF.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "data.val_size=0: a sweep chooses on the validation score" in done.stderr
+    assert not list((tmp_path / "sweep").rglob("metrics.json"))
+
+
+@pytest.mark.slow
 def test_grass_logs_importance_and_active_set_to_csv(tmp_path, data_files):
     cfg = compose_run(tmp_path, "model=tiny_llama", "data=jsonl", f"data.path={data_files['choice']}",
                       "method.probe_steps=1", "method.sampling_period=2", "method.refresh_interval=2")

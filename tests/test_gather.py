@@ -7,14 +7,15 @@ import pytest
 from grass_lightning.tools.gather import averages, gather, loss_curves, main, smooth_losses
 
 
-def _run(root, model, data, method, seed, score, losses=None, scores=None, settings=None):
+def _run(root, model, data, method, seed, score, losses=None, scores=None, settings=None, val=None):
     folder = root / "-".join([model, data, method, str(seed), *(f"{k}{v}" for k, v in sorted((settings or {}).items()))])
     (folder / "csv").mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({
         "model": model, "data": data, "method": method, "seed": seed, "score": score, "score_name": "accuracy",
         "score_before": None, "step_time_s": 1.0, "peak_memory_mb": 100.0, "trainable_params_max": 10,
         "method_settings": {"lr": 1e-4, **(settings or {})},
-        **({} if scores is None else {"scores": scores, "scores_before": {name: 0.25 for name in scores}})}))
+        **({} if scores is None else {"scores": scores, "scores_before": {name: 0.25 for name in scores}}),
+        **({} if val is None else {"val_score": val, "val_scores": {"accuracy": val}})}))
     if losses is not None:
         (folder / "csv" / "metrics.csv").write_text(
             "epoch,step,train/loss\n" + "".join(f"0,{i},{loss}\n" for i, loss in enumerate(losses)))
@@ -74,7 +75,7 @@ def test_another_recorded_score_is_tabulated_on_request_and_an_unrecorded_one_re
     assert row["score_name"] == "accuracy_norm" and row["score"] == pytest.approx(0.4)
     assert row["score_before"] == pytest.approx(0.25)
     main([str(tmp_path), "--score", "accuracy_norm"])
-    assert "| m | a | grass | 2 | 0.250 ± 0.000 | 0.400 ± 0.141 |" in (tmp_path / "summary_accuracy_norm.md").read_text()
+    assert "| m | a | grass | 2 | 0.250 ± 0.000 | – | 0.400 ± 0.141 |" in (tmp_path / "summary_accuracy_norm.md").read_text()
     assert not (tmp_path / "summary.md").exists()  # the headline table is left alone
     _run(tmp_path, "m", "a", "grass", 2, 0.9)  # an older run that recorded its headline score only
     with pytest.raises(SystemExit):
@@ -102,8 +103,8 @@ def test_runs_that_differ_in_method_settings_get_rows_of_their_own(tmp_path, cap
     assert rows[1]["score"] == pytest.approx(0.4) and rows[2]["score"] == pytest.approx(0.8)
     main([str(tmp_path)])
     printed = capsys.readouterr().out
-    assert "| m | copa | grass | temperature=1.0 | 2 | – | 0.800 ± 0.000 |" in printed
-    assert "| m | sciq | grass | temperature=0.25 | 1 | – | 0.100 ± – |" in printed
+    assert "| m | copa | grass | temperature=1.0 | 2 | – | – | 0.800 ± 0.000 |" in printed
+    assert "| m | sciq | grass | temperature=0.25 | 1 | – | – | 0.100 ± – |" in printed
 
 
 def test_failed_jobs_and_runs_without_logged_losses_are_reported(tmp_path, capsys):
@@ -118,3 +119,15 @@ def test_failed_jobs_and_runs_without_logged_losses_are_reported(tmp_path, capsy
     assert json.loads((tmp_path / "summary.json").read_text())["failed"] == [
         {"dir": "7", "overrides": ["method.num_active=0", "seed=1"]}]
     assert "not in the loss curves: 1 run(s) logged no training loss" in printed
+
+
+def test_the_row_a_sweep_chooses_is_the_best_validation_score_not_the_best_test_score(tmp_path):
+    for seed in (0, 1):
+        _run(tmp_path, "m", "a", "grass", seed, 0.9, settings={"temperature": 0.5}, val=0.6)  # best on test
+        _run(tmp_path, "m", "a", "grass", seed, 0.7, settings={"temperature": 1.0}, val=0.8)  # best on validation
+    main([str(tmp_path)])
+    table = (tmp_path / "summary.md").read_text()
+    assert "| m | a | grass | temperature=1.0 | 2 | – | 0.800 ± 0.000 **(chosen)** | 0.700 ± 0.000 |" in table
+    assert table.count("(chosen)") == 2  # the row and the note under the table
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["settings"] for row in summary["chosen_on_validation"]] == ["temperature=1.0"]

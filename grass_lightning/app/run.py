@@ -59,8 +59,9 @@ class RunObjects:
 
 
 def train(cfg: DictConfig) -> tuple[dict, RunObjects]:
-    """Fine-tune as configured: assemble, (test,) fit, test. Returns the metrics (also written to
-    ``metrics.json``; ``metrics["score"]`` is what a sweeper optimizes) and the run's objects."""
+    """Fine-tune as configured: assemble, (test,) fit, validate, test. Returns the metrics (also
+    written to ``metrics.json``: ``score`` is the test split's headline score, ``val_score`` the
+    validation split's, what a sweep chooses on) and the run's objects."""
     started = time.perf_counter()
     run = assemble(cfg)
     trainer, module, datamodule = run.trainer, run.module, run.datamodule
@@ -122,7 +123,8 @@ def _metrics(cfg: DictConfig, run: RunObjects, scores: dict, scores_before: dict
     checkpoints = trainer.checkpoint_callback
     settings = OmegaConf.to_container(cfg.method, resolve=True)
     return {
-        "score": scores[task.score_name],
+        "score": scores[task.score_name],  # the test split's: reported, never chosen on
+        "val_score": None if val_scores is None else val_scores[task.score_name],  # the sweep objective
         "score_before": None if scores_before is None else scores_before[task.score_name],
         "score_name": task.score_name,
         "scores": scores,

@@ -87,6 +87,15 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"seed={cfg.seed!r} must be an integer.")
 
 
+def check_objective(cfg: DictConfig) -> None:
+    """A sweep chooses on the validation score of the final weights (never the test score), so a
+    swept run must have a validation split to return."""
+    if cfg.data.val_size in (0, 0.0) or cfg.trainer.get("limit_val_batches", 1) in (0, 0.0):
+        key = "data.val_size" if cfg.data.val_size in (0, 0.0) else "trainer.limit_val_batches"
+        raise ValueError(f"{key}={OmegaConf.select(cfg, key)!r}: a sweep chooses on the validation score of the final "
+                         f"weights, and this run has no validation split to score. Give data.val_size > 0.")
+
+
 def check_trainer(trainer: DictConfig) -> None:
     steps = trainer.get("max_steps", -1)
     if not isinstance(steps, int) or steps < 1:
@@ -258,6 +267,6 @@ def _loggers(node: DictConfig | None):
     return [instantiate(c) for c in node.values() if c is not None]
 
 
-__all__ = ["DataSetup", "register_method_defaults", "check_checkpoint", "check_config", "check_data", "check_model",
+__all__ = ["DataSetup", "register_method_defaults", "check_checkpoint", "check_config", "check_objective", "check_data", "check_model",
            "check_precision", "check_trainer", "configure_console", "read_records", "setup_data", "setup_method",
            "setup_model", "setup_optim", "setup_task", "setup_trainer", "trainer_strategy"]

@@ -11,8 +11,13 @@ ran on two or more data sets, a second table gives each method's score averaged 
 (the paper's "Avg." column). Writes summary.md, summary.json and loss_curves.png (training loss
 per method, mean over seeds, one panel per model and data set) beside the runs.
 
-The score is each run's headline score; ``--score accuracy_norm`` tabulates another score the
-runs recorded (``scores`` in metrics.json) into summary_accuracy_norm.md and .json instead.
+The score is each run's headline score on the test split; ``--score accuracy_norm`` tabulates
+another score the runs recorded (``scores`` in metrics.json) into summary_accuracy_norm.md and
+.json instead. Beside it stands the validation score of the final weights, and for each model and
+data set the row with the best mean validation score is marked as the one a sweep chooses; its
+test score is shown beside it and never used to choose. Any sweep's folder reads the same: Hydra's
+basic launcher, joblib and submitit all write one job folder per run; an Optuna sweep's
+``optimization_results.yaml`` is printed too, with the chosen trial's test score.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ORDER = ("full", "lora", "badam", "lisa", "grass-uniform", "grass-static", "grass")  # densest first
-COLUMNS = ("score_before", "score", "step_time_s", "peak_memory_mb", "trainable_params_max")
+COLUMNS = ("score_before", "val_score", "score", "step_time_s", "peak_memory_mb", "trainable_params_max")
 
 
 def _runs(root: Path, score: str | None = None) -> list[tuple[Path, dict]]:
@@ -36,6 +41,9 @@ def _runs(root: Path, score: str | None = None) -> list[tuple[Path, dict]]:
     if not runs:
         raise FileNotFoundError(f"No metrics.json under {root}.")
     _label_settings([run for _, run in runs])
+    for _, run in runs:  # runs written before val_score was recorded: from val_scores
+        recorded = run.get("val_scores") or {}
+        run["val_score"] = recorded.get(score or run["score_name"])
     if score is None:
         return runs
     for path, run in runs:
@@ -135,19 +143,52 @@ def _method(row: dict, with_settings: bool) -> str:
     return f"{row['method']} | {row['settings'] or '–'}" if with_settings else row["method"]
 
 
+def chosen(rows: list[dict]) -> list[dict]:
+    """Per (model, data), the row with the best mean validation score: what a sweep chooses."""
+    best = {}
+    for row in rows:
+        if row["val_score"] is not None and (row["model"], row["data"]) not in best or (
+                row["val_score"] is not None and row["val_score"] > best[(row["model"], row["data"])]["val_score"]):
+            best[(row["model"], row["data"])] = row
+    return list(best.values())
+
+
 def markdown(rows: list[dict]) -> str:
     settings = any(r["settings"] for r in rows)  # the column appears only where runs differ in them
-    head = (f"| model | data | method |{' settings |' if settings else ''} runs | score before | score after | "
-            f"step time (s) | peak memory (MB) | trained params (max) |")
-    lines = [head, "|" + "---|" * (10 if settings else 9)]
+    picked = {id(r) for r in chosen(rows)}
+    head = (f"| model | data | method |{' settings |' if settings else ''} runs | test score before | validation "
+            f"score | test score after | step time (s) | peak memory (MB) | trained params (max) |")
+    lines = [head, "|" + "---|" * (11 if settings else 10)]
     for r in rows:
         shown = lambda k, fmt: cell(r[k], r[k + "_std"], fmt)  # noqa: E731
+        mark = " **(chosen)**" if id(r) in picked and len(rows) > 1 else ""
         lines.append(
             f"| {r['model']} | {r['data']} | {_method(r, settings)} | {r['runs']} | {shown('score_before', '.3f')} | "
-            f"{shown('score', '.3f')} | {shown('step_time_s', '.3f')} | {shown('peak_memory_mb', '.0f')} | "
-            f"{r['trainable_params_max'] / 1e6:.2f}M |"
+            f"{shown('val_score', '.3f')}{mark} | {shown('score', '.3f')} | {shown('step_time_s', '.3f')} | "
+            f"{shown('peak_memory_mb', '.0f')} | {r['trainable_params_max'] / 1e6:.2f}M |"
         )
+    if len(rows) > 1:
+        lines.append("\n(chosen): the best mean validation score of its model and data; its test score is only reported.")
     return "\n".join(lines) + "\n"
+
+
+def optuna_best(root: Path) -> str | None:
+    """An Optuna sweep's best trial (Hydra's ``optimization_results.yaml``) and that trial's test score."""
+    results = root / "optimization_results.yaml"
+    if not results.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    best = OmegaConf.to_container(OmegaConf.load(results))
+    params = best.get("best_params", {})
+    wanted = {f"{key}={value}" for key, value in params.items()}
+    trial = next((overrides.parent.parent for overrides in sorted(root.rglob(".hydra/overrides.yaml"))
+                  if wanted <= set(OmegaConf.load(overrides))), None)
+    test = None
+    if trial is not None and (trial / "metrics.json").is_file():
+        test = json.loads((trial / "metrics.json").read_text())["score"]
+    return (f"Optuna's best trial (optimization_results.yaml): validation score {best.get('best_value')}, "
+            f"{', '.join(sorted(wanted))}" + (f"; its test score {test:.4f} (job {trial.name})" if test is not None else ""))
 
 
 def markdown_averages(rows: list[dict]) -> str:
@@ -242,10 +283,13 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     jobs = failed(root)
-    table = markdown(rows) + ("\n" + markdown_averages(means) if means else "") + ("\n" + markdown_failed(jobs) if jobs else "")
+    best = optuna_best(root)
+    table = (markdown(rows) + ("\n" + markdown_averages(means) if means else "") + (f"\n{best}\n" if best else "")
+             + ("\n" + markdown_failed(jobs) if jobs else ""))
     name = "summary" if score is None else f"summary_{score}"
     (root / f"{name}.md").write_text(table)
-    (root / f"{name}.json").write_text(json.dumps({"runs": rows, "mean_over_sets": means, "failed": jobs}, indent=2) + "\n")
+    summary = {"runs": rows, "chosen_on_validation": chosen(rows), "mean_over_sets": means, "optuna": best, "failed": jobs}
+    (root / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(table, end="")
     curves = loss_curves(root, root / "loss_curves.png")
     if curves is not None:
