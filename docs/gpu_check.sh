@@ -7,6 +7,8 @@ out=${1:-docs/results/bench_gpu_llama_1b_bf16}
 nvidia-smi --query-gpu=name,memory.total --format=csv
 # CUDA offload: park and stream, fp32 and bf16 weights with fp32 masters, bit-identical to no offload
 timeout 240 python -m pytest -q tests/test_offload_cuda.py
+# recompute replays dropout masks on CUDA for a block called by keyword (issue 24 item 4)
+timeout 60 python -m pytest -q tests/test_recompute.py -k cuda
 # the llama_1b rows in bf16 weights (full as bf16-mixed), as each peer runs them
 timeout 330 grass-bench --model llama_1b --precision bf16-true \
     --methods full,badam,lisa,grass,grass+stream --batch-size 8 --seq-len 512 --steps 10 --out "$out"
