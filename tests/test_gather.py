@@ -7,15 +7,17 @@ import pytest
 from grass_lightning.tools.gather import averages, gather, loss_curves, main, smooth_losses
 
 
-def _run(root, model, data, method, seed, score, losses=None, scores=None, settings=None, val=None):
-    folder = root / "-".join([model, data, method, str(seed), *(f"{k}{v}" for k, v in sorted((settings or {}).items()))])
+def _run(root, model, data, method, seed, score, losses=None, scores=None, settings=None, val=None, lr=None):
+    folder = root / "-".join([model, data, method, str(seed), *(f"{k}{v}" for k, v in sorted((settings or {}).items())),
+                              *([f"lr{lr}"] if lr is not None else [])])
     (folder / "csv").mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({
         "model": model, "data": data, "method": method, "seed": seed, "score": score, "score_name": "accuracy",
         "score_before": None, "step_time_s": 1.0, "peak_memory_mb": 100.0, "trainable_params_max": 10,
         "method_settings": {"lr": 1e-4, **(settings or {})},
         **({} if scores is None else {"scores": scores, "scores_before": {name: 0.25 for name in scores}}),
-        **({} if val is None else {"val_score": val, "val_scores": {"accuracy": val}})}))
+        **({} if val is None else {"val_score": val, "val_scores": {"accuracy": val}}),
+        **({} if lr is None else {"optim_settings": {"lr": lr, "warmup_steps": 10}})}))
     if losses is not None:
         (folder / "csv" / "metrics.csv").write_text(
             "epoch,step,train/loss\n" + "".join(f"0,{i},{loss}\n" for i, loss in enumerate(losses)))
@@ -131,3 +133,10 @@ def test_the_row_a_sweep_chooses_is_the_best_validation_score_not_the_best_test_
     assert table.count("(chosen)") == 2  # the row and the note under the table
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [row["settings"] for row in summary["chosen_on_validation"]] == ["temperature=1.0"]
+
+
+def test_runs_that_differ_only_in_the_learning_rate_are_rows_not_seeds(tmp_path):
+    _run(tmp_path, "m", "a", "grass", 0, 0.6, lr=1e-4, val=0.5)
+    _run(tmp_path, "m", "a", "grass", 0, 0.8, lr=1e-3, val=0.7)
+    rows = gather(tmp_path)
+    assert [(r["settings"], r["runs"], r["score"]) for r in rows] == [("optim.lr=0.0001", 1, 0.6), ("optim.lr=0.001", 1, 0.8)]

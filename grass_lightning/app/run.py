@@ -134,6 +134,7 @@ def _metrics(cfg: DictConfig, run: RunObjects, scores: dict, scores_before: dict
         "model": run.spec.name,
         "data": run.data_name,
         "method_settings": {key: value for key, value in settings.items() if key not in ("name", "_target_")},
+        "optim_settings": OmegaConf.to_container(cfg.optim, resolve=True),
         "seed": cfg.seed,
         "steps": trainer.global_step,
         "updates": trainer.global_step - probe_steps,

@@ -57,16 +57,20 @@ def _runs(root: Path, score: str | None = None) -> list[tuple[Path, dict]]:
 
 
 def _label_settings(runs: list[dict]) -> None:
-    """Set each run's ``settings``: the method settings (metrics.json's ``method_settings``) in which
-    the runs of its model and method differ, as ``key=value, ...``; empty where they agree."""
+    """Set each run's ``settings``: the method and optimizer settings (metrics.json's
+    ``method_settings``, and ``optim_settings`` as ``optim.<key>``) in which the runs of its model
+    and method differ, as ``key=value, ...``; empty where they agree. Runs that differ only in
+    ``optim.lr`` (an Optuna trial, say) are rows of their own, not seeds of one."""
     families = defaultdict(list)
     for run in runs:
         families[(run["model"], run["method"])].append(run)
     for family in families.values():
-        keys = sorted({key for run in family for key in run.get("method_settings", {})})
-        differ = [k for k in keys if len({json.dumps(r.get("method_settings", {}).get(k)) for r in family}) > 1]
-        for run in family:
-            run["settings"] = ", ".join(f"{k}={run.get('method_settings', {}).get(k)}" for k in differ)
+        chosen = [{**r.get("method_settings", {}), **{f"optim.{k}": v for k, v in r.get("optim_settings", {}).items()}}
+                  for r in family]
+        keys = sorted({key for settings in chosen for key in settings})
+        differ = [k for k in keys if len({json.dumps(settings.get(k)) for settings in chosen}) > 1]
+        for run, settings in zip(family, chosen):
+            run["settings"] = ", ".join(f"{k}={settings.get(k)}" for k in differ)
 
 
 def _order(key: tuple) -> tuple:
