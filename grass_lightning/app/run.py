@@ -93,7 +93,7 @@ def assemble(cfg: DictConfig) -> RunObjects:
     check_config(cfg)
     optim = setup_optim(cfg.optim)
     method = setup_method(cfg.method, cfg.seed)
-    trainer_strategy(cfg.trainer.get("strategy", "auto"), method)  # refused now, not after loading
+    strategy = trainer_strategy(cfg.trainer.get("strategy", "auto"), method)  # refused now, not after loading
     dtype = check_precision(method, cfg.trainer.get("precision", "32-true"))
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     data = setup_data(cfg.data, spec.kind)
@@ -110,7 +110,7 @@ def assemble(cfg: DictConfig) -> RunObjects:
     module = FineTuningModule(model, task, optim, method.wrap_optimizer)
     datamodule = SplitsDataModule(data.splits, task, cfg.data.batch_size, cfg.data.eval_batch_size, seed=cfg.seed)
     stats = RunStats()
-    trainer = setup_trainer(cfg.trainer, method, cfg.callbacks, cfg.get("logger"), extra=[stats])
+    trainer = setup_trainer(cfg.trainer, method, strategy, cfg.callbacks, cfg.get("logger"), extra=[stats])
     return RunObjects(method, spec, data.name, data.splits, tokenizer, task, module, datamodule, trainer, stats)
 
 

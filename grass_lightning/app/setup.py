@@ -194,9 +194,8 @@ def check_model(method: Method, spec: ModelSpec, path: str | None, num_labels: i
 
 
 def check_checkpoint(path: str, shapes: dict[str, tuple]) -> None:
-    """Refuse a ckpt_path that is no Lightning checkpoint of this model (it is memory-mapped, not read)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"ckpt_path={path!r}: no such checkpoint file.")
+    """Refuse a ckpt_path that is no Lightning checkpoint of this model (it is memory-mapped, not read);
+    the callers have checked that the file exists."""
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:  # torch raises several types for a file that is no checkpoint
@@ -244,12 +243,13 @@ def trainer_strategy(strategy, method: Method):
     return strategy
 
 
-def setup_trainer(trainer: DictConfig, method: Method, callbacks: DictConfig | None, logger: DictConfig | None,
-                  extra: list[Callback] = ()) -> Trainer:
-    """The Trainer: the method's callbacks, the configured ones (``callbacks.<name>: null`` drops
-    one), ``extra``, the configured loggers, and atomic checkpoint writes."""
+def setup_trainer(trainer: DictConfig, method: Method, strategy, callbacks: DictConfig | None,
+                  logger: DictConfig | None, extra: list[Callback] = ()) -> Trainer:
+    """The Trainer: ``strategy`` (from `trainer_strategy`), the method's callbacks, the configured
+    ones (``callbacks.<name>: null`` drops one), ``extra``, the configured loggers, and atomic
+    checkpoint writes."""
     kwargs = OmegaConf.to_container(trainer, resolve=True)
-    kwargs["strategy"] = trainer_strategy(kwargs.get("strategy", "auto"), method)
+    kwargs["strategy"] = strategy
     configured = [instantiate(c) for c in (callbacks or {}).values() if c is not None]
     if not kwargs.get("enable_progress_bar", True):  # a bar in callbacks would make Lightning refuse
         configured = [c for c in configured if not isinstance(c, ProgressBar)]

@@ -41,7 +41,7 @@ def _runs(root: Path, score: str | None = None) -> list[tuple[Path, dict]]:
     if not runs:
         raise FileNotFoundError(f"No metrics.json under {root}.")
     _label_settings([run for _, run in runs])
-    for _, run in runs:  # runs written before val_score was recorded: from val_scores
+    for _, run in runs:  # the headline validation score, or --score's, from val_scores (older runs have no val_score)
         recorded = run.get("val_scores") or {}
         run["val_score"] = recorded.get(score or run["score_name"])
     if score is None:
@@ -151,9 +151,9 @@ def chosen(rows: list[dict]) -> list[dict]:
     """Per (model, data), the row with the best mean validation score: what a sweep chooses."""
     best = {}
     for row in rows:
-        if row["val_score"] is not None and (row["model"], row["data"]) not in best or (
-                row["val_score"] is not None and row["val_score"] > best[(row["model"], row["data"])]["val_score"]):
-            best[(row["model"], row["data"])] = row
+        key = (row["model"], row["data"])
+        if row["val_score"] is not None and (key not in best or row["val_score"] > best[key]["val_score"]):
+            best[key] = row
     return list(best.values())
 
 
