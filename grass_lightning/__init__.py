@@ -22,6 +22,7 @@ from grass_lightning.core.blocks import BlockLayout, find_blocks
 from grass_lightning.core.config import GrassConfig
 from grass_lightning.core.offload import MomentOffloader
 from grass_lightning.core.schedule import GrassSchedule
+from grass_lightning.core.sharding import shard_blocks
 from grass_lightning.lightning.callback import GrassCallback
 from grass_lightning.lightning.strategy import GrassOffloadDDPStrategy, GrassOffloadStrategy
 
@@ -36,5 +37,6 @@ __all__ = [
     "GrassSchedule",
     "MomentOffloader",
     "find_blocks",
+    "shard_blocks",
 ]
 __version__ = "0.1.0"

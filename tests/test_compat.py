@@ -2,9 +2,9 @@
 release that changes any of it fails here, not in a user's run."""
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-from grass_lightning.lightning.compat import ddp_kwargs, ddp_kwargs_set, optimizer_unscales_itself
+from grass_lightning.lightning.compat import ddp_kwargs, ddp_kwargs_set, optimizer_unscales_itself, tensor_parallel_size
 
 
 def test_a_fused_optimizer_is_known_to_unscale_itself():
@@ -20,3 +20,8 @@ def test_ddp_kwargs_are_what_the_strategy_hands_distributed_data_parallel():
         assert ddp_kwargs(strategy) == {"find_unused_parameters": False, "init_sync": False}
     assert ddp_kwargs(strategy) == {"find_unused_parameters": True}  # given back as it was
     assert "self._ddp_kwargs" in __import__("inspect").getsource(DDPStrategy._setup_model)  # and passed on
+
+
+def test_tensor_parallel_size_is_what_the_model_parallel_strategy_was_given():
+    assert tensor_parallel_size(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)) == 1
+    assert tensor_parallel_size(ModelParallelStrategy()) == "auto"

@@ -286,3 +286,27 @@ def test_activate_trains_the_chosen_blocks_until_the_next_draw():
     trained = [(active, _blocks_of(changed)) for active, _, changed in plain_steps(model, optimizer, schedule, 5)]
     assert trained[0] == ([0], {0}) and schedule.history[1] == (1, [0])
     assert trained[2][0] == [0] and len(schedule.history) == 3  # the sampler draws again at its period
+
+
+def test_processes_that_draw_different_active_sets_fail_loudly_at_that_draw():
+    """`across` sums over processes; here the other process always trains block 0 only, so the
+    first draw that is not [0] on this one must raise (ranks would silently diverge under DDP, or
+    hang in FSDP2's collectives)."""
+    def across(t):  # this process's tensor plus another's: block 0 active, one process counted
+        other = torch.zeros_like(t)
+        if t.numel() == 5:  # the draw check's mask: 4 blocks and the process count
+            other[0] = other[-1] = 1.0
+        return t + other
+
+    torch.manual_seed(0)
+    model = ScaledBlocks()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = GrassConfig(num_active=1, sampling_period=1, refresh_interval=1, probe_steps=0, sampler="uniform")
+    schedule = GrassSchedule(find_blocks(model, "body.layers"), [optimizer], config, seed=1, free_in_backward=False,
+                             across=across)
+    with pytest.raises(RuntimeError, match=r"different active sets from the sampler \(this one \[[123]\]; per block, "
+                                           r"how many processes train it: \[1, "):
+        schedule.start()
+        for _ in range(20):  # uniform draws over 4 blocks: one is not [0] long before 20
+            assert schedule.active == [0]
+            schedule.end_step()

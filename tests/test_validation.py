@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy,
+                                          SingleDeviceStrategy)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -79,9 +80,18 @@ def test_model_without_blocks_asks_for_a_path():
     [FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)],
     ids=["fsdp", "deepspeed"],
 )
-def test_sharding_strategies_are_refused_in_setup_with_an_alternative(strategy):
-    with pytest.raises(MisconfigurationException, match="GrassCallback: .*Strategy shards parameters.*ddp_find_unused_parameters_true"):
+def test_fsdp1_and_deepspeed_are_refused_in_setup_with_fsdp2_as_the_way(strategy):
+    with pytest.raises(MisconfigurationException, match="GrassCallback: .*Strategy shards flattened parameters.*"
+                                                        r"ModelParallelStrategy\(tensor_parallel_size=1\).*trainer=fsdp"):
         GrassCallback().setup(SimpleNamespace(strategy=strategy), None, "fit")
+
+
+def test_fsdp2_is_accepted_with_data_parallelism_only():
+    GrassCallback().setup(SimpleNamespace(strategy=ModelParallelStrategy(2, 1)), None, "fit")
+    for tensor_parallel in (2, "auto"):
+        with pytest.raises(MisconfigurationException,
+                           match=f"tensor_parallel_size={tensor_parallel!r}: tensor parallelism splits a block's weights"):
+            GrassCallback().setup(SimpleNamespace(strategy=ModelParallelStrategy(1, tensor_parallel)), None, "fit")
 
 
 def test_ddp_needs_find_unused_parameters():

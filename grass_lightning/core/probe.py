@@ -42,21 +42,25 @@ class GradientProbe:
         indices: the blocks to read; their frozen parameters are not read.
         free: blocks whose gradients are dropped once read: all of them while probing (measure,
             update nothing), the idle ones in a re-probe step (measure them, train the active set).
+        targets: per block, the tensors its parameters' gradients arrive at in backward, where
+            they differ from the parameters (FSDP2's unsharded copies: :mod:`grass_lightning.core.sharding`).
     """
 
     def __init__(self, blocks: Sequence[Sequence[nn.Parameter]], indices: Sequence[int],
-                 free: Collection[int] = ()) -> None:
+                 free: Collection[int] = (), targets: Sequence[Sequence[nn.Parameter]] | None = None) -> None:
         self._numel = [sum(p.numel() for p in ps) for ps in blocks]
         self._device = blocks[0][0].device
         self._sq: list[torch.Tensor | float] = [0.0] * len(blocks)
         self._passes = 0
         self._handles = []
+        targets = blocks if targets is None else targets
         for index in indices:
-            for p in blocks[index]:
-                if p.requires_grad:
-                    self._handles.append(p.register_hook(self._reader(index)))
+            for p, target in zip(blocks[index], targets[index], strict=True):
+                if p.requires_grad:  # the parameter's flag: FSDP2 copies it to the target at its next all-gather
+                    target.requires_grad_(True)
+                    self._handles.append(target.register_hook(self._reader(index)))
                     if index in free:
-                        self._handles.append(p.register_post_accumulate_grad_hook(_free))
+                        self._handles.append(target.register_post_accumulate_grad_hook(_free))
 
     def _reader(self, index: int):
         def read(grad: torch.Tensor) -> None:

@@ -40,6 +40,7 @@ from grass_lightning.core.offload import check_offload, make_offloader
 from grass_lightning.core.probe import GradientProbe
 from grass_lightning.core.recompute import BlockRecompute
 from grass_lightning.core.sampling import BlockSampler, sampling_logits
+from grass_lightning.core.sharding import check_sharding, gradient_targets, is_sharded
 
 
 class GrassSchedule:
@@ -55,12 +56,16 @@ class GrassSchedule:
             False, as DDP (it all-reduces them) and fp16 AMP (its scaler checks them) need, drops
             them in `measure` instead.
         across: sums a tensor over the processes of a data-parallel run, so that every process
-            reads the same importance (:mod:`grass_lightning.core.probe`); None on one process.
+            reads the same importance (:mod:`grass_lightning.core.probe`), and checks that every
+            draw gave each process the same active set; None on one process.
         offload: ``"none"``, or keep block moments in host memory: ``"park"`` (idle blocks') or
             ``"stream"`` (all blocks'), see :mod:`grass_lightning.core.offload`. Needs one optimizer.
 
     With half-precision blocks and ``config.master_weights``, trained parameters step through
     fp32 masters (:mod:`grass_lightning.core.masters`), which the offloader moves with the moments.
+
+    Blocks sharded by FSDP2 (:mod:`grass_lightning.core.sharding`) are read at their unsharded
+    copies; building the schedule then all-gathers each block once, on every rank.
     """
 
     def __init__(
@@ -79,6 +84,9 @@ class GrassSchedule:
             raise ValueError(f"offload={offload!r} needs exactly one optimizer; the module has {len(optimizers)}.")
         self.config = config
         self._blocks = [layout.block_params(i) for i in range(len(layout))]
+        every = [p for params in self._blocks for p in params]
+        check_sharding(every, offload, config.master_weights)
+        sharded = is_sharded(every)
         self.offloader = make_offloader(offload, self._blocks, optimizers[0])  # the schedule's: `close` closes it
         try:
             always = layout.always_trained(config.train_embeddings, config.train_head)
@@ -93,7 +101,9 @@ class GrassSchedule:
         self.recompute = BlockRecompute(layout.blocks) if config.recompute != "none" else None
         self.importance = ImportanceEstimate(len(layout), config.ema)
         self.sampler = BlockSampler(config.num_active, seed)
-        self.free_in_backward = free_in_backward
+        self._targets = gradient_targets(layout.blocks) if sharded else None
+        # FSDP2 reduce-scatters what the unsharded copies hold at the end of a block's backward
+        self.free_in_backward = free_in_backward and not sharded
         self._across = across
         self.step = 0
         self.active: list[int] = []
@@ -193,7 +203,7 @@ class GrassSchedule:
     def _listen(self, blocks: Sequence[int], free: Sequence[int] = ()) -> None:
         """Read the gradients of ``blocks`` in backward from now on, freeing those of ``free``."""
         self._remove_probe()
-        self._probe = GradientProbe(self._blocks, list(blocks), free if self.free_in_backward else ())
+        self._probe = GradientProbe(self._blocks, list(blocks), free if self.free_in_backward else (), self._targets)
 
     def _remove_probe(self) -> None:
         if self._probe is not None:
@@ -211,13 +221,32 @@ class GrassSchedule:
         if self.probing:
             raise RuntimeError("activate() while probing: the probe measures every block and trains none.")
         self.active = sorted(set(blocks))
+        self._check_ranks_agree("activate()")
         self.history.append((self.step, list(self.active)))
         self._activate()
 
     def _draw(self) -> None:
         self.active = self.sampler.draw(self.logits)
+        self._check_ranks_agree("the sampler")
         self.history.append((self.step, list(self.active)))
         self._activate()
+
+    def _check_ranks_agree(self, source: str) -> None:
+        """Raise if another process's active set differs from this one's (one small all-reduce per
+        draw): ranks training different blocks would silently diverge (DDP) or hang (FSDP2)."""
+        if self._across is None:
+            return
+        mask = torch.zeros(len(self._blocks) + 1, device=self._blocks[0][0].device)
+        mask[self.active] = 1.0
+        mask[-1] = 1.0  # counts the processes
+        total = self._across(mask.clone())  # an all-reduce may sum in place
+        if not torch.equal(total[:-1], mask[:-1] * total[-1]):
+            raise RuntimeError(
+                f"Step {self.step}: the processes got different active sets from {source} (this one {self.active}; "
+                f"per block, how many processes train it: {total[:-1].int().tolist()} of {int(total[-1])}). Every "
+                f"process must seed the sampler alike (GrassCallback(seed=...) or seed_everything before fit) and "
+                f"read the same importance."
+            )
 
     def _activate(self) -> None:
         self.active_set.activate(self.active)

@@ -1,9 +1,12 @@
 """Which Lightning strategies can train a few blocks at a time: one check for a strategy object
 (the callback's ``setup``) or a name as ``Trainer(strategy=...)`` takes it (a caller's early check).
 
-Sharding strategies (DeepSpeed, FSDP, model parallel) own parameters and optimizer state, so a
-block can be neither frozen alone nor have its moments released. DDP must be told that frozen
-blocks produce no gradients (``find_unused_parameters=True``).
+FSDP2 through `ModelParallelStrategy` with data parallelism only (``tensor_parallel_size=1``)
+works: the module shards each block with ``fully_shard`` (:mod:`grass_lightning.core.sharding`),
+and a frozen block's shards get no gradient and no moments. FSDP1 (`FSDPStrategy`) and DeepSpeed
+own flattened parameters and optimizer partitions, so a block can be neither frozen alone nor have
+its moments released; tensor parallelism splits a block's weights across ranks. DDP must be told
+that frozen blocks produce no gradients (``find_unused_parameters=True``).
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from lightning.pytorch.strategies import (
     StrategyRegistry,
 )
 
-from grass_lightning.lightning.compat import ddp_kwargs
+from grass_lightning.lightning.compat import ddp_kwargs, tensor_parallel_size
 
-_SHARDING = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
+_SHARDING = (DeepSpeedStrategy, FSDPStrategy)
 
 
 def check_block_strategy(strategy: Strategy | str) -> None:
@@ -38,10 +41,20 @@ def check_block_strategy(strategy: Strategy | str) -> None:
         find_unused = ddp_kwargs(strategy).get("find_unused_parameters", False)
     if issubclass(cls, _SHARDING):
         raise ValueError(
-            f"{cls.__name__} shards parameters and optimizer state itself, so single blocks cannot be frozen "
-            f"and their moments released; use 'ddp_find_unused_parameters_true' for several GPUs, or a single "
-            f"device."
+            f"{cls.__name__} shards flattened parameters and optimizer state itself, so single blocks cannot be "
+            f"frozen and their moments released. To shard, use FSDP2: ModelParallelStrategy(tensor_parallel_size=1) "
+            f"with fully_shard per block in configure_model (train.py: trainer=fsdp); otherwise "
+            f"'ddp_find_unused_parameters_true' for several devices, or a single device."
         )
+    if issubclass(cls, ModelParallelStrategy):
+        tensor_parallel = "auto" if isinstance(strategy, str) else tensor_parallel_size(strategy)
+        if tensor_parallel != 1:
+            raise ValueError(
+                f"ModelParallelStrategy with tensor_parallel_size={tensor_parallel!r}: tensor parallelism splits "
+                f"a block's weights across ranks, which GRASS does not support. Shard by data parallelism only: "
+                f"ModelParallelStrategy(data_parallel_size=<devices x nodes>, tensor_parallel_size=1) "
+                f"(train.py: trainer=fsdp)."
+            )
     if issubclass(cls, DDPStrategy) and not find_unused:
         raise ValueError(
             f"{cls.__name__} without find_unused_parameters=True: frozen blocks produce no gradients; use "

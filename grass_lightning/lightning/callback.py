@@ -17,7 +17,10 @@ fp32 state survives Lightning's checkpoint restore, which would otherwise cast i
 The schedule (and under an offloading strategy, :mod:`grass_lightning.lightning.strategy`, its
 moment offloader) lives from ``on_train_start`` to ``on_train_end``. Under DDP the model is
 re-wrapped whenever the trainable set changes, so gradient buckets hold only what trains
-(:mod:`grass_lightning.lightning.ddp_buckets`).
+(:mod:`grass_lightning.lightning.ddp_buckets`). Under FSDP2 (``ModelParallelStrategy`` with
+``tensor_parallel_size=1``, each block sharded by ``fully_shard`` in ``configure_model``:
+:func:`grass_lightning.core.sharding.shard_blocks`) nothing is re-wrapped: frozen shards get no
+gradient. On several processes every draw is checked to give each the same active set.
 
 Probe steps are optimizer steps to Lightning (``global_step`` counts them) but not updates: the
 callback extends ``max_steps`` by ``probe_steps`` for the fit, so ``max_steps`` counts updates
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -44,11 +48,13 @@ from grass_lightning.core.config import SETTINGS, GrassConfig
 from grass_lightning.core.masters import HALF, keep_fp32_state
 from grass_lightning.core.offload import check_offload
 from grass_lightning.core.schedule import GrassSchedule
+from grass_lightning.core.sharding import check_sharding
 from grass_lightning.lightning.block_strategies import check_block_strategy
 from grass_lightning.lightning.compat import optimizer_unscales_itself
 from grass_lightning.lightning.ddp_buckets import DDPBuckets
 from grass_lightning.lightning.loss_scaling import loss_scaler
 from grass_lightning.lightning.probe_accounting import ProbeAccounting
+from grass_lightning.lightning.sharded_resume import load_as_saved
 from grass_lightning.lightning.strategy import OffloadingStrategy
 
 
@@ -72,11 +78,12 @@ class GrassCallback(Callback):
         ValueError: for an argument out of range, at construction; at fit start, for a
             ``blocks`` path that does not resolve, a model without detectable blocks, or
             ``num_active`` above the number of blocks.
-        MisconfigurationException: in ``setup``, for DeepSpeed/FSDP/model-parallel strategies,
+        MisconfigurationException: in ``setup``, for DeepSpeed, FSDP1 and tensor parallelism,
             for DDP without ``find_unused_parameters=True``, and for a park-mode offloading
             strategy with ``idle_moments="drop"``; at fit start, for fp16 loss scaling with an
-            optimizer that unscales inside its step (``AdamW(fused=True)``), and for float16
-            blocks (``precision="16-true"``: no loss scaling; use ``"bf16-true"``).
+            optimizer that unscales inside its step (``AdamW(fused=True)``), for float16
+            blocks (``precision="16-true"``: no loss scaling; use ``"bf16-true"``), and for
+            bf16 shards with master weights under FSDP2 (use ``"bf16-mixed"``).
     """
 
     def __init__(self, config: GrassConfig | None = None, blocks: str | None = None, seed: int | None = None,
@@ -101,6 +108,7 @@ class GrassCallback(Callback):
         self._probe_accounting = ProbeAccounting()
         self._ddp_buckets = DDPBuckets()
         self._keep_fp32: list = []  # load hooks from fit start to train start (see `keep_fp32_state`)
+        self._unwrap_load = None  # from fit start to train start under FSDP2 (see `load_as_saved`)
         self.last_step: tuple[bool, list[int]] | None = None  # whether the last step probed, what it trained
 
     @property
@@ -147,9 +155,16 @@ class GrassCallback(Callback):
                 "without loss scaling, which 16-true does not do. Use precision='bf16-true' (bf16 weights, fp32 "
                 "masters for the trained blocks) or '16-mixed' (fp32 weights, loss scaling)."
             )
+        try:
+            check_sharding([p for block in layout.blocks for p in block.parameters()], _offload_mode(trainer),
+                           self.config.master_weights)
+        except ValueError as error:
+            raise MisconfigurationException(f"GrassCallback: {error}") from None
         half = bool(dtypes & set(HALF))
         if half and self.config.master_weights:  # Lightning restores optimizer state before on_train_start
             self._keep_fp32 = [handle for opt in trainer.optimizers for handle in keep_fp32_state(opt)]
+        if isinstance(trainer.strategy, ModelParallelStrategy):  # Lightning may restore optimizer state next
+            self._unwrap_load = load_as_saved(trainer.strategy)
         self._probe_accounting.extend(trainer, self.config.probe_steps)
         tied = layout.tied() and self.config.train_embeddings != self.config.train_head
         offload = _offload_mode(trainer)
@@ -178,6 +193,7 @@ class GrassCallback(Callback):
         """Build the schedule once the optimizer holds its restored state (a resumed run), and only
         for a fit that trains: one that resumes a finished run never gets here, so nothing is parked."""
         self._remove_keep_fp32()  # the schedule's masters keep fp32 state through later loads
+        self._restore_load()
         seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
         # Gradients are read in backward, per micro-batch: before DDP all-reduces them (the readings
         # are summed across ranks instead) and before AMP unscales them (the scale is divided out).
@@ -241,12 +257,18 @@ class GrassCallback(Callback):
     def _uninstall(self, trainer: Trainer) -> None:
         """Leave the model and Trainer as the user had them; keep the schedule's state for `state_dict`."""
         self._remove_keep_fp32()
+        self._restore_load()
         self._ddp_buckets.release()
         if self.schedule is not None:
             self._saved_state = self.schedule.state_dict()
             self.schedule.close()
             self.schedule = None
         self._probe_accounting.restore(trainer)
+
+    def _restore_load(self) -> None:
+        if self._unwrap_load is not None:
+            self._unwrap_load()
+            self._unwrap_load = None
 
     def _remove_keep_fp32(self) -> None:
         for handle in self._keep_fp32:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 
 def optimizer_unscales_itself(optimizer) -> bool:
@@ -18,6 +18,12 @@ def optimizer_unscales_itself(optimizer) -> bool:
 def ddp_kwargs(strategy: DDPStrategy) -> dict:
     """The keyword arguments a DDP strategy passes to ``DistributedDataParallel``."""
     return getattr(strategy, "_ddp_kwargs", {})
+
+
+def tensor_parallel_size(strategy: ModelParallelStrategy) -> int | str:
+    """The tensor-parallel size a `ModelParallelStrategy` was given (``"auto"``: every process of
+    a node, once its environment is set up)."""
+    return strategy._tensor_parallel_size
 
 
 @contextmanager

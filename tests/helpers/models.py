@@ -140,3 +140,12 @@ def gradient_rms(params) -> torch.Tensor:
     params = list(params)
     sq = sum(torch.linalg.vector_norm(p.grad, dtype=torch.float32).square() for p in params if p.grad is not None)
     return (torch.as_tensor(sq, dtype=torch.float32) / sum(p.numel() for p in params)).sqrt()
+
+
+class ShardedHFModule(HFModule):
+    """`HFModule` for Lightning's `ModelParallelStrategy`: FSDP2 over each block, then the root."""
+
+    def configure_model(self):
+        from grass_lightning.core.sharding import shard_blocks
+
+        shard_blocks(self.model, self.model.model.layers, mesh=self.device_mesh["data_parallel"])
