@@ -33,6 +33,10 @@ def test_bench_runs_every_row_and_writes_table_json_and_plot(tmp_path):
     assert rows["full"]["backward_blocks"] == 4 and rows["lisa"]["backward_blocks"] == 4  # LISA trains the embeddings
     assert all(rows[m]["deep_backward_blocks"] == 4 for m in ("grass", "grass-uniform", "grass+recompute-none"))
     assert rows["grass+stream"]["optimizer_state_mb"] < rows["grass"]["optimizer_state_mb"]
+    # two processes each: DDP holds every weight in each, FSDP2 half (each block split in two shards)
+    assert rows["grass+ddp"]["processes"] == rows["grass+fsdp2"]["processes"] == 2
+    assert rows["grass+ddp"]["weights_mb"] == rows["full"]["weights_mb"]
+    assert rows["grass+fsdp2"]["weights_mb"] == pytest.approx(rows["full"]["weights_mb"] / 2, rel=0.02)
     table = (tmp_path / "bench.md").read_text()
     assert all(f"| {m} |" in table for m in expected) and "(1.00×)" in table
     assert "| lisa | grass_lightning, LMFlow's rule | γ=2, period 2, sampler uniform, 0 probe steps, embeddings + head" in table

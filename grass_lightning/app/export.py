@@ -23,14 +23,17 @@ EXPORT_DTYPES = (None, "float32")
 
 
 def export_model(model: nn.Module, tokenizer, out_dir: str | Path, lora: str = "merged",
-                 labels: tuple[str, ...] | None = None, dtype: str | None = None) -> Path:
+                 labels: tuple[str, ...] | None = None, dtype: str | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (a Hugging Face model, or a peft one) and ``tokenizer`` to ``out_dir``.
 
     A peft model is merged into a copy of its base (``lora="merged"``; the trained module keeps
     its adapters) or saved as its adapter (``"adapter"``). A classifier's ``labels`` become its
     ``id2label``. Weights are written in the dtype the model holds (bf16 after a ``bf16-true``
-    run), or in ``dtype="float32"``. Written to a temporary folder beside ``out_dir`` and renamed
-    over it, so a crash never leaves a half-written folder under the real name.
+    run), or in ``dtype="float32"``. ``state_dict`` replaces the model's own weights (the whole
+    tensors of an FSDP2-sharded model: :func:`grass_lightning.core.sharding.full_state_dict`).
+    Written to a temporary folder beside ``out_dir`` and renamed over it, so a crash never leaves
+    a half-written folder under the real name.
     """
     check_export_dtype(dtype)
     if lora not in EXPORT_LORA:
@@ -45,10 +48,11 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path, lora: str = "
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
         if dtype is None:
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, state_dict=state_dict)
         else:  # a widened copy of each tensor; the model itself stays as it is
             wide = getattr(torch, dtype)
-            model.save_pretrained(staging, state_dict={k: v.to(wide) for k, v in model.state_dict().items()})
+            weights = state_dict if state_dict is not None else model.state_dict()
+            model.save_pretrained(staging, state_dict={k: v.to(wide) for k, v in weights.items()})
             config = copy.deepcopy(model.config)
             config.dtype = wide  # save_pretrained wrote the dtype the model holds
             config.save_pretrained(staging)

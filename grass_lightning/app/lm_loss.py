@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
@@ -49,7 +50,8 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     """The model's next-token loss on ``labels`` (``IGNORE`` where there is no target), chunked,
     with the head applied per chunk where it is a plain linear layer."""
     head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
-    plain = (isinstance(head, nn.Linear) and model.base_model is not model
+    # an FSDP2 root all-gathers its own weights (embeddings, head) only in its forward: call it whole
+    plain = (isinstance(head, nn.Linear) and model.base_model is not model and not isinstance(model, FSDPModule)
              and not any(getattr(model.config, key, None) for key in LOGIT_TRANSFORMS))
     if not plain:
         return next_token_loss(model(input_ids=input_ids, **inputs).logits, labels)

@@ -55,6 +55,8 @@ class Method:
     OFFLOAD: tuple[str, ...] = ("none",)
     resumable = True  # whether a checkpoint holds all its state (ckpt_path)
     resumable_why = ""
+    shardable = True  # whether it runs under FSDP2 (trainer=fsdp)
+    shardable_why = ""
 
     def __init__(self, name: str, lr: float, offload: str = "none", seed: int | None = None, **settings) -> None:
         if offload not in self.OFFLOAD:
@@ -79,6 +81,12 @@ class Method:
     @property
     def block_callback(self) -> GrassCallback | None:
         """The GrassCallback that trains blocks a few at a time, if this method has one."""
+        return None
+
+    @property
+    def blocks(self) -> str | None:
+        """The blocks' dotted path from the LightningModule, if set (None: found in common Hugging
+        Face models); FSDP2 shards each block."""
         return None
 
     @property
@@ -127,6 +135,8 @@ class Lora(Method):
     """peft LoRA adapters (rank ``r``, scale ``alpha / r``) on ``target_modules``; the base is frozen."""
 
     Settings = LoraSettings
+    shardable = False
+    shardable_why = "peft adapters under FSDP2 are not tested here"
 
     def prepare(self, model: nn.Module, kind: str) -> nn.Module:
         from peft import LoraConfig, get_peft_model
@@ -167,6 +177,10 @@ class BlockMethod(Method):
     @property
     def block_callback(self) -> GrassCallback:
         return self._callback
+
+    @property
+    def blocks(self) -> str | None:
+        return self.settings.blocks
 
     def describe(self) -> str:
         c = self._callback.config
@@ -213,6 +227,8 @@ class Badam(Method):
     Settings = BadamSettings
     resumable = False
     resumable_why = "BAdam's BlockOptimizer keeps its block order and step count outside its state_dict"
+    shardable = False
+    shardable_why = "BAdam's BlockOptimizer (the badam package) rebuilds its optimizer over each block and is not tested on sharded parameters"
 
     def __init__(self, name: str, lr: float, offload: str = "none", seed: int | None = None, **settings) -> None:
         super().__init__(name, lr, offload, seed, **settings)

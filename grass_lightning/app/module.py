@@ -24,12 +24,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from grass_lightning.app.tasks import Task
+from grass_lightning.core.blocks import find_blocks
 from grass_lightning.core.checks import require_choice, require_int, require_number
+from grass_lightning.core.sharding import shard_blocks
 from grass_lightning.lightning.loss_scaling import loss_scaler
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -84,11 +89,16 @@ class FineTuningModule(LightningModule):
         optim: optimizer settings.
         wrap_optimizer: ``(adamw, model) -> optimizer``, for a method that steps AdamW its own way
             (BAdam's ``BlockOptimizer``); see `grass_lightning.app.methods.Method.wrap_optimizer`.
+        blocks: the blocks' dotted path from this module (None: found in common Hugging Face
+            models). Under `ModelParallelStrategy` (FSDP2) each block is sharded on its own, then
+            the rest of the model (:func:`grass_lightning.core.sharding.shard_blocks`).
     """
 
     def __init__(self, model: nn.Module, task: Task, optim: OptimConfig = OptimConfig(),
-                 wrap_optimizer: Callable[[Optimizer, nn.Module], Optimizer] | None = None) -> None:
+                 wrap_optimizer: Callable[[Optimizer, nn.Module], Optimizer] | None = None,
+                 blocks: str | None = None) -> None:
         super().__init__()
+        self._blocks = blocks
         self.save_hyperparameters({**asdict(optim), "betas": list(optim.betas)})
         self.automatic_optimization = False
         self.model = model.train()
@@ -100,6 +110,12 @@ class FineTuningModule(LightningModule):
         self._nonfinite_in_a_row = 0
         self._finite: torch.Tensor | None = None  # all losses of the current step's micro-batches finite
         self._grad_norm: torch.Tensor | None = None  # this step's total gradient norm, for clipping
+
+    @override
+    def configure_model(self) -> None:
+        # Lightning calls this for every fit, validate and test: shard once
+        if isinstance(self.trainer.strategy, ModelParallelStrategy) and not isinstance(self.model, FSDPModule):
+            shard_blocks(self.model, find_blocks(self, self._blocks).blocks, mesh=self.device_mesh["data_parallel"])
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -142,7 +158,8 @@ class FineTuningModule(LightningModule):
             return True
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
-            self._grad_norm = torch.nn.utils.get_total_norm(grads)
+            norm = torch.nn.utils.get_total_norm(grads)
+            self._grad_norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP2: over every shard
             losses_finite = losses_finite & self._grad_norm.isfinite()
         return bool(losses_finite)
 

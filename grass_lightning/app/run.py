@@ -30,6 +30,7 @@ from grass_lightning.app.setup import (check_config, check_model, check_precisio
                                        setup_model, setup_optim, setup_task, setup_trainer, trainer_strategy)
 from grass_lightning.app.sources import Splits
 from grass_lightning.app.tasks import Task
+from grass_lightning.core.sharding import full_state_dict
 from grass_lightning.lightning.stats import RunStats, peak_memory_mb
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,13 @@ def train(cfg: DictConfig) -> tuple[dict, RunObjects]:
     scores = _scores(trainer.test, module, datamodule, "test/")
     metrics = _metrics(cfg, run, scores, scores_before, val_scores, started)
     test_rows = _from_every_rank(trainer, module.test_rows)
+    weights = full_state_dict(module.model) if cfg.export else None  # FSDP2: whole tensors, from every rank
     if trainer.is_global_zero:
         _report(Path(cfg.paths.output_dir), run, metrics, test_rows)
         if cfg.export:
             labels = getattr(run.task, "labels", None) if run.spec.kind == "classification" else None
             folder = export_model(module.model, run.tokenizer, Path(cfg.paths.output_dir) / "model", cfg.export_lora, labels,
-                                  cfg.export_dtype)
+                                  cfg.export_dtype, weights)
             log.info(f"fine-tuned model (a transformers folder): {folder}")
     return metrics, run
 
@@ -93,12 +95,13 @@ def assemble(cfg: DictConfig) -> RunObjects:
     check_config(cfg)
     optim = setup_optim(cfg.optim)
     method = setup_method(cfg.method, cfg.seed)
-    strategy = trainer_strategy(cfg.trainer.get("strategy", "auto"), method)  # refused now, not after loading
+    strategy = trainer_strategy(cfg.trainer.get("strategy", "auto"), method, cfg.trainer.get("devices", 1),
+                                cfg.trainer.get("num_nodes", 1), cfg.trainer.get("precision", "32-true"))  # refused now
     dtype = check_precision(method, cfg.trainer.get("precision", "32-true"))
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     data = setup_data(cfg.data, spec.kind)
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file.")
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).exists():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint.")
     model_path = resolve_model_path(spec)
     num_labels = data.num_labels if spec.kind == "classification" else None
     check_model(method, spec, model_path, num_labels, cfg.ckpt_path)
@@ -107,7 +110,7 @@ def assemble(cfg: DictConfig) -> RunObjects:
 
     seed_everything(cfg.seed, workers=True)
     model = setup_model(spec, method, model_path, num_labels, tokenizer, dtype)
-    module = FineTuningModule(model, task, optim, method.wrap_optimizer)
+    module = FineTuningModule(model, task, optim, method.wrap_optimizer, blocks=method.blocks)
     datamodule = SplitsDataModule(data.splits, task, cfg.data.batch_size, cfg.data.eval_batch_size, seed=cfg.seed)
     stats = RunStats()
     trainer = setup_trainer(cfg.trainer, method, strategy, cfg.callbacks, cfg.get("logger"), extra=[stats])

@@ -18,8 +18,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 
 from grass_lightning.app.export import EXPORT_LORA, check_export_dtype
 from grass_lightning.app.methods import Badam, BlockMethod, Full, Lora, Method, build_method
@@ -194,8 +196,23 @@ def check_model(method: Method, spec: ModelSpec, path: str | None, num_labels: i
 
 
 def check_checkpoint(path: str, shapes: dict[str, tuple]) -> None:
-    """Refuse a ckpt_path that is no Lightning checkpoint of this model (it is memory-mapped, not read);
-    the callers have checked that the file exists."""
+    """Refuse a ckpt_path that is no Lightning checkpoint of this model (only shapes are read: a
+    file is memory-mapped, a distributed checkpoint's folder gives its metadata); the callers have
+    checked that it exists."""
+    saved = _distributed_shapes(path) if Path(path).is_dir() else _file_shapes(path)
+    differ = [key for key, shape in shapes.items() if key not in saved or saved[key] != shape]
+    if differ:
+        key = differ[0]
+        found = f"shape {list(saved[key])}" if key in saved else "no such weight"
+        raise ValueError(
+            f"ckpt_path={path!r} was written for another model or method: {len(differ)} of this model's "
+            f"{len(shapes)} weights are missing from it or differ in shape (e.g. {key!r}: shape "
+            f"{list(shapes[key])} here, {found} there). Resume with the model and method of the run that "
+            f"wrote it (its .hydra/config.yaml)."
+        )
+
+
+def _file_shapes(path: str) -> dict[str, tuple]:
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:  # torch raises several types for a file that is no checkpoint
@@ -203,17 +220,20 @@ def check_checkpoint(path: str, shapes: dict[str, tuple]) -> None:
                          f"{str(error).splitlines()[0][:200]}).") from None
     if not isinstance(checkpoint, dict) or not {"state_dict", "global_step"} <= set(checkpoint):
         raise ValueError(f"ckpt_path={path!r} is not a Lightning checkpoint: it has no state_dict and global_step.")
-    saved = checkpoint["state_dict"]
-    differ = [key for key, shape in shapes.items() if key not in saved or tuple(saved[key].shape) != shape]
-    if differ:
-        key = differ[0]
-        found = f"shape {list(saved[key].shape)}" if key in saved else "no such weight"
-        raise ValueError(
-            f"ckpt_path={path!r} was written for another model or method: {len(differ)} of this model's "
-            f"{len(shapes)} weights are missing from it or differ in shape (e.g. {key!r}: shape "
-            f"{list(shapes[key])} here, {found} there). Resume with the model and method of the run that "
-            f"wrote it (its .hydra/config.yaml)."
-        )
+    return {key: tuple(t.shape) for key, t in checkpoint["state_dict"].items()}
+
+
+def _distributed_shapes(path: str) -> dict[str, tuple]:
+    """A distributed checkpoint (trainer=fsdp): torch's metadata and Lightning's ``meta.pt``."""
+    try:
+        metadata = FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as error:
+        raise ValueError(f"ckpt_path={path!r} is a folder but no distributed checkpoint that train.py wrote "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]}).") from None
+    if not (Path(path) / "meta.pt").is_file():
+        raise ValueError(f"ckpt_path={path!r} is not a Lightning checkpoint: it has no meta.pt.")
+    return {key.removeprefix("state_dict."): tuple(value.size) for key, value in metadata.items()
+            if key.startswith("state_dict.")}
 
 
 def setup_model(spec: ModelSpec, method: Method, path: str | None = None, num_labels: int | None = None,
@@ -224,9 +244,16 @@ def setup_model(spec: ModelSpec, method: Method, path: str | None = None, num_la
     return method.prepare(model, spec.kind)
 
 
-def trainer_strategy(strategy, method: Method):
+FSDP2 = "fsdp2"  # trainer.strategy: Lightning's ModelParallelStrategy over every device, data parallel only
+
+
+def trainer_strategy(strategy, method: Method, devices=1, num_nodes: int = 1, precision="32-true"):
     """``trainer.strategy`` as the method needs it: an offloading strategy in its place when the
-    method offloads; for a block method, refused where GrassCallback's setup would refuse it."""
+    method offloads; ``fsdp2`` (``trainer=fsdp``) as `ModelParallelStrategy` sharding over all
+    ``devices`` x ``num_nodes`` processes; for a block method, refused where GrassCallback would
+    refuse it."""
+    if strategy == FSDP2:
+        return _fsdp2(method, devices, num_nodes, precision)
     if method.offload != "none":
         if strategy in ("auto", "single_device"):
             return GrassOffloadStrategy(offload=method.offload)
@@ -239,8 +266,25 @@ def trainer_strategy(strategy, method: Method):
         try:
             check_block_strategy(strategy)
         except ValueError as error:
-            raise ValueError(f"trainer.strategy={strategy!r}: {error} In train.py: trainer=ddp.") from None
+            raise ValueError(f"trainer.strategy={strategy!r}: {error} In train.py: trainer=ddp or trainer=fsdp.") from None
     return strategy
+
+
+def _fsdp2(method: Method, devices, num_nodes: int, precision) -> ModelParallelStrategy:
+    if not method.shardable:
+        raise ValueError(f"trainer.strategy={FSDP2!r} with method={method.name}: {method.shardable_why}. Use trainer=ddp.")
+    if method.offload != "none":
+        raise ValueError(f"trainer.strategy={FSDP2!r} with method.offload={method.offload!r}: under FSDP2 each rank "
+                         f"holds only its shard of the moments already. Use method.offload=none, or trainer=ddp.")
+    callback = method.block_callback
+    if weight_dtype(precision) in (torch.bfloat16, torch.float16) and callback is not None and callback.config.master_weights:
+        raise ValueError(f"trainer.precision={precision!r} with trainer.strategy={FSDP2!r}: fp32 master weights of "
+                         f"sharded blocks are not supported yet. Use trainer.precision=bf16-mixed (FSDP2 keeps fp32 "
+                         f"shards, 4/N bytes per weight on each of N processes) or method.master_weights=false.")
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise ValueError(f"trainer.devices={devices!r}: trainer.strategy={FSDP2!r} needs a number of devices, "
+                         f"to shard over devices x num_nodes processes.")
+    return ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
 
 
 def setup_trainer(trainer: DictConfig, method: Method, strategy, callbacks: DictConfig | None,
@@ -253,8 +297,10 @@ def setup_trainer(trainer: DictConfig, method: Method, strategy, callbacks: Dict
     configured = [instantiate(c) for c in (callbacks or {}).values() if c is not None]
     if not kwargs.get("enable_progress_bar", True):  # a bar in callbacks would make Lightning refuse
         configured = [c for c in configured if not isinstance(c, ProgressBar)]
+    # ModelParallelStrategy writes distributed checkpoints (a folder of shards) by itself
+    plugins = [] if isinstance(strategy, ModelParallelStrategy) else [AtomicCheckpointIO()]
     return Trainer(**kwargs, callbacks=[*method.callbacks, *configured, *extra], logger=_loggers(logger),
-                   plugins=[AtomicCheckpointIO()])
+                   plugins=plugins)
 
 
 def _loggers(node: DictConfig | None):
@@ -269,4 +315,4 @@ def _loggers(node: DictConfig | None):
 
 __all__ = ["DataSetup", "register_method_defaults", "check_checkpoint", "check_config", "check_objective", "check_data", "check_model",
            "check_precision", "check_trainer", "configure_console", "read_records", "setup_data", "setup_method",
-           "setup_model", "setup_optim", "setup_task", "setup_trainer", "trainer_strategy"]
+           "setup_model", "setup_optim", "setup_task", "setup_trainer", "trainer_strategy", "FSDP2"]

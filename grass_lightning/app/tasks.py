@@ -31,6 +31,7 @@ from typing import Protocol
 import torch
 import torchmetrics
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from grass_lightning.app.lm_loss import IGNORE, causal_lm_loss
@@ -303,7 +304,8 @@ class AnswerGeneration(_CausalLM):
         out = model.generate(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"],
                              max_new_tokens=self.max_new_tokens, do_sample=False,
                              pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-                             stopping_criteria=self._stopping(batch["prompt_ids"].shape[1]))
+                             stopping_criteria=self._stopping(batch["prompt_ids"].shape[1]),
+                             synced_gpus=isinstance(model, FSDPModule))  # FSDP2: every rank runs each forward
         texts = self.tokenizer.batch_decode(out[:, batch["prompt_ids"].shape[1]:], skip_special_tokens=True)
         rows = [{"prompt": prompt, "generated": text, "extracted": self._extract(text), "answer": answer,
                  "match": self._matches(text, answer)}

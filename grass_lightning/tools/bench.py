@@ -24,11 +24,15 @@ first (``malloc_trim``), and the page faults that follow slow the next step by u
 the timed steps are never reset: their time is the median of their own, and their memory the
 most since the probe ended.
 
+The ``+ddp`` and ``+fsdp2`` rows train on 2 processes (``trainer=ddp``, ``trainer=fsdp``), each
+with the batch size given, so a step sees twice the rows; their memory is the most of either
+process, and their weights column says what one process holds (FSDP2: its shards, about half).
+
 Reported: the median time of the timed steps (probe steps apart); the peak of the median
 memory step, the most of the probe steps and of the deep steps, and the whole-run peak (the
 most of every step); the mean number of blocks backward runs through; the most optimizer-state
-bytes on the training device after a step; the most parameters trained in one step; each as a
-ratio to full fine-tuning. Writes ``bench.json``, ``bench.md`` and ``bench.png`` into ``--out``.
+bytes on the training device after a step; the bytes of weights a process holds; the most
+parameters trained in one step; each as a ratio to full fine-tuning. Writes ``bench.json``, ``bench.md`` and ``bench.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -46,8 +50,10 @@ from pathlib import Path
 import torch
 import torchmetrics
 from lightning.pytorch import Callback, Trainer, seed_everything
+from torch.distributed.tensor import DTensor
 
 from grass_lightning.app.lm_loss import causal_lm_loss
+from grass_lightning.core.blocks import find_blocks
 from grass_lightning.core.checks import require_int
 from grass_lightning.lightning.stats import RunStats, current_memory_mb, peak_memory_mb, reset_peak_memory
 
@@ -62,6 +68,8 @@ ROWS = {  # the bench's rows: overrides of the Hydra config (conf/method), and w
     "grass+recompute-none": (["method=grass", "method.recompute=none"], "grass_lightning"),
     "grass+park": (["method=grass", "method.offload=park", "method.idle_moments=keep"], "grass_lightning"),
     "grass+stream": (["method=grass", "method.offload=stream"], "grass_lightning"),
+    "grass+ddp": (["method=grass", "trainer=ddp"], "grass_lightning, Lightning DDP, 2 processes"),
+    "grass+fsdp2": (["method=grass", "trainer=fsdp"], "grass_lightning, Lightning FSDP2, 2 processes"),
 }
 
 
@@ -97,8 +105,8 @@ class _Footprint(Callback):
     Peaks are reset when training starts, at step ``probe`` (the probe's end) and before every
     step from ``reset_from`` on. Put it before `RunStats` in the callbacks, so a reset is not timed."""
 
-    def __init__(self, layout, method, probe: int, reset_from: int, deep_from: int | None) -> None:
-        self.layout, self.method, self.deep_from = layout, method, deep_from
+    def __init__(self, method, probe: int, reset_from: int, deep_from: int | None) -> None:
+        self.layout, self.method, self.deep_from = None, method, deep_from
         self._resets = lambda index: index in (0, probe) or index >= reset_from
         self.most = 0
         self.start_mb: float | None = None
@@ -108,8 +116,10 @@ class _Footprint(Callback):
         self._open = False
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.layout = find_blocks(pl_module.model)  # the parameters as trained: FSDP2 replaces them when it shards
         self.start_mb = current_memory_mb(pl_module.device)
         self._steps = trainer.global_step
+        self.weights_mb = sum(_local(p).untyped_storage().nbytes() for p in pl_module.parameters()) / 2**20
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self._open:  # the first micro-batch of a step
@@ -131,7 +141,7 @@ class _Footprint(Callback):
         self._steps, self._open = trainer.global_step, False
         self.peaks.append(peak_memory_mb(pl_module.device))
         bases = [self.method.stepping_optimizer(opt) for opt in trainer.optimizers]  # BAdam's wraps AdamW
-        held = sum(t.untyped_storage().nbytes() for base in bases for param_state in base.state.values()
+        held = sum(_local(t).untyped_storage().nbytes() for base in bases for param_state in base.state.values()
                    for t in param_state.values() if torch.is_tensor(t) and t.dim() > 0 and t.device == pl_module.device)
         model = {id(p) for p in pl_module.parameters()}  # BAdam steps fp32 copies of its block: masters too
         held += sum(p.untyped_storage().nbytes() for base in bases for group in base.param_groups
@@ -141,16 +151,20 @@ class _Footprint(Callback):
             self.method.force_lowest_block(trainer)
 
 
-def measure(method: str, args: argparse.Namespace) -> dict:
-    """Train ``method`` for its steps in this process; its costs as a dict."""
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor (an FSDP2 shard's local tensor)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def measure(method: str, args: argparse.Namespace) -> dict | None:
+    """Train ``method`` for its steps in this process (and, for a 2-process row, in the one
+    Lightning starts beside it); its costs as a dict, on the first process (None on the other)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from grass_lightning.app.models import ModelSpec, weight_dtype
     from grass_lightning.app.module import FineTuningModule, OptimConfig
     from grass_lightning.app.setup import register_method_defaults, setup_method, setup_model, trainer_strategy
-    from grass_lightning.core.blocks import find_blocks
-
     overrides, implementation = ROWS[method]
     overrides = [f"model={args.model}", f"model.gradient_checkpointing={args.gradient_checkpointing}", *overrides]
     if method == "badam":
@@ -174,20 +188,25 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     seed_everything(0)
     model = setup_model(spec, built, dtype=weight_dtype(precision))
     optim = OptimConfig(lr=built.lr, warmup_steps=0, lr_schedule="constant", accumulate_grad_batches=args.accumulate)
-    module = FineTuningModule(model, _NextToken(), optim, built.wrap_optimizer)
+    module = FineTuningModule(model, _NextToken(), optim, built.wrap_optimizer, blocks=built.blocks)
     steps = skip + args.steps + args.memory_steps + deep
     vocab = model.get_input_embeddings().num_embeddings
     rows = steps * args.batch_size * args.accumulate
     tokens = torch.randint(0, vocab, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
     stats = RunStats(warmup_steps=skip)
     memory_from, deep_from = skip + args.steps, skip + args.steps + args.memory_steps
-    state = _Footprint(find_blocks(model), built, probe, reset_from=memory_from, deep_from=deep_from if deep else None)
-    trainer = Trainer(accelerator=args.accelerator, devices=1, precision=precision, max_steps=steps - probe,
-                      strategy=trainer_strategy("auto", built),
+    state = _Footprint(built, probe, reset_from=memory_from, deep_from=deep_from if deep else None)
+    devices = cfg.trainer.devices
+    trainer = Trainer(accelerator=args.accelerator, devices=devices, precision=precision, max_steps=steps - probe,
+                      strategy=trainer_strategy(cfg.trainer.get("strategy", "auto"), built, devices, precision=precision),
+                      use_distributed_sampler=False,  # every process its own random rows: the cost is the same
                       callbacks=[*built.callbacks, state, stats], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=args.batch_size, collate_fn=module.task.collate))
     timed, memory, deeps = slice(skip, memory_from), slice(memory_from, deep_from), slice(deep_from, None)
+    peaks = _most_of_every_process(trainer, state.peaks)
+    if trainer.global_rank != 0:
+        return None
     return {
         "method": method,
         "implementation": implementation,
@@ -195,12 +214,14 @@ def measure(method: str, args: argparse.Namespace) -> dict:
         "precision": _precision_cell(built, precision),
         "step_time_s": statistics.median(stats.step_times[timed]),
         "probe_step_time_s": statistics.median(stats.step_times[:probe]) if probe else None,
-        "median_step_peak_mb": statistics.median(state.peaks[memory]),
-        "timed_steps_peak_mb": max(state.peaks[timed]),
-        "probe_peak_mb": max(state.peaks[:probe]) if probe else None,
-        "deep_step_peak_mb": max(state.peaks[deeps]) if deep else None,
-        "whole_run_peak_mb": max(state.peaks),
+        "median_step_peak_mb": statistics.median(peaks[memory]),
+        "timed_steps_peak_mb": max(peaks[timed]),
+        "probe_peak_mb": max(peaks[:probe]) if probe else None,
+        "deep_step_peak_mb": max(peaks[deeps]) if deep else None,
+        "whole_run_peak_mb": max(peaks),
         "start_memory_mb": state.start_mb,
+        "processes": trainer.world_size,
+        "weights_mb": state.weights_mb,
         "optimizer_state_mb": state.most / 2**20,
         "trainable_params": stats.trainable_params_max,
         "timed_steps": len(stats.step_times[timed]),
@@ -208,6 +229,15 @@ def measure(method: str, args: argparse.Namespace) -> dict:
         "deep_backward_blocks": statistics.mean(state.depths[deeps]) if deep else None,
         "device": str(module.device),
     }
+
+
+def _most_of_every_process(trainer: Trainer, peaks: list[float]) -> list[float]:
+    """Per step, the highest peak of any process (the one the device must hold)."""
+    if trainer.world_size == 1:
+        return peaks
+    every = [None] * trainer.world_size
+    torch.distributed.all_gather_object(every, peaks)
+    return [max(step) for step in zip(*every)]
 
 
 def row_precision(method: str, precision: str) -> str:
@@ -229,15 +259,15 @@ def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["method"] == "full"), None)
 
     def cell(row, key, fmt):
-        if row[key] is None:
+        if row.get(key) is None:
             return "–"
         ratio = f" ({row[key] / base[key]:.2f}×)" if base and base.get(key) else ""
         return f"{row[key]:{fmt}}{ratio}"
 
     lines = ["| method | code | configuration | precision | step time (s) | probe step (s) | blocks back-propagated | "
              "peak, median step (MB) | peak, probe (MB) | peak, lowest block drawn (MB) | whole-run peak (MB) | "
-             "optimizer state and masters on device (MB) | trained params |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "optimizer state and masters on device (MB) | weights per process (MB) | trained params |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peaks = [cell(r, "median_step_peak_mb", ".0f")]  # the others against full's whole-run peak
         for key in ("probe_peak_mb", "deep_step_peak_mb", "whole_run_peak_mb"):
@@ -247,7 +277,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['method']} | {r['implementation']} | {r['configuration']} | {r.get('precision', '32-true')} | "
                      f"{cell(r, 'step_time_s', '.3f')} | "
                      f"{cell(r, 'probe_step_time_s', '.3f')} | {depth} | {' | '.join(peaks)} | "
-                     f"{cell(r, 'optimizer_state_mb', '.1f')} | {r['trainable_params'] / 1e6:.2f}M |")
+                     f"{cell(r, 'optimizer_state_mb', '.1f')} | {cell(r, 'weights_mb', '.1f')} | "
+                     f"{r['trainable_params'] / 1e6:.2f}M |")
     return "\n".join(lines) + "\n"
 
 
@@ -317,7 +348,12 @@ def main(argv: list[str] | None = None) -> None:
         from grass_lightning.app.setup import configure_console
 
         configure_console()
-        print("RESULT " + json.dumps(measure(args.one, args)), flush=True)
+        row = measure(args.one, args)
+        if row is not None:  # the first process of a row
+            print("RESULT " + json.dumps(row), flush=True)
+        if torch.distributed.is_initialized():  # both processes leave together: gloo aborts a lone exit
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
         return
 
     args.out.mkdir(parents=True, exist_ok=True)
