@@ -50,11 +50,15 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     """The model's next-token loss on ``labels`` (``IGNORE`` where there is no target), chunked,
     with the head applied per chunk where it is a plain linear layer."""
     head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
-    # an FSDP2 root all-gathers its own weights (embeddings, head) only in its forward: call it whole
-    plain = (isinstance(head, nn.Linear) and model.base_model is not model and not isinstance(model, FSDPModule)
+    plain = (isinstance(head, nn.Linear) and model.base_model is not model
              and not any(getattr(model.config, key, None) for key in LOGIT_TRANSFORMS))
     if not plain:
         return next_token_loss(model(input_ids=input_ids, **inputs).logits, labels)
+    if isinstance(model, FSDPModule):
+        # an FSDP2 root all-gathers its own weights (embeddings, head) in its forward and keeps them
+        # until backward: run it, for the last position only, and take the final (normed) hidden states
+        out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, **inputs)
+        return next_token_loss(out.hidden_states[-1], labels, head=head)
     hidden = model.base_model(input_ids=input_ids, **inputs).last_hidden_state
     return next_token_loss(hidden, labels, head=head)
 

@@ -143,7 +143,14 @@ def gradient_rms(params) -> torch.Tensor:
 
 
 class ShardedHFModule(HFModule):
-    """`HFModule` for Lightning's `ModelParallelStrategy`: FSDP2 over each block, then the root."""
+    """`HFModule` for Lightning's `ModelParallelStrategy`: FSDP2 over each block, then the root; its
+    loss is the app's chunked one (Hugging Face's own in `HFModule`, the unsharded reference)."""
+
+    def training_step(self, batch, batch_idx):
+        from grass_lightning.app.lm_loss import causal_lm_loss
+
+        (ids,) = batch
+        return causal_lm_loss(self.model, ids, ids)
 
     def configure_model(self):
         from grass_lightning.core.sharding import shard_blocks
