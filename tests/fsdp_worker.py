@@ -43,11 +43,17 @@ def reference_loader():
 
 class FrozenStayEmpty(Callback):
     """Asserts on every update that each rank trains the same blocks and that a frozen block's
-    parameters have no gradient and no optimizer state."""
+    parameters have no gradient and no optimizer state; and after every probe backward that no
+    block holds a gradient (freed as read, so FSDP2 reduce-scatters none)."""
 
     def __init__(self, grass: GrassCallback) -> None:
         self.grass = grass
         self.checked = 0
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.grass.schedule.probing:
+            held = [p for block in self.grass._layout.blocks for p in block.parameters() if p.grad is not None]
+            assert not held, f"step {trainer.global_step}: the probe left {len(held)} block gradients"
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         schedule = self.grass.schedule

@@ -65,7 +65,8 @@ class GrassSchedule:
     fp32 masters (:mod:`grass_lightning.core.masters`), which the offloader moves with the moments.
 
     Blocks sharded by FSDP2 (:mod:`grass_lightning.core.sharding`) are read at their unsharded
-    copies; building the schedule then all-gathers each block once, on every rank.
+    copies; building the schedule then all-gathers each block once, on every rank. A gradient
+    freed there in backward is never reduce-scattered: FSDP2 skips parameters without one.
     """
 
     def __init__(
@@ -102,8 +103,7 @@ class GrassSchedule:
         self.importance = ImportanceEstimate(len(layout), config.ema)
         self.sampler = BlockSampler(config.num_active, seed)
         self._targets = gradient_targets(layout.blocks) if sharded else None
-        # FSDP2 reduce-scatters what the unsharded copies hold at the end of a block's backward
-        self.free_in_backward = free_in_backward and not sharded
+        self.free_in_backward = free_in_backward
         self._across = across
         self.step = 0
         self.active: list[int] = []

@@ -197,9 +197,10 @@ class GrassCallback(Callback):
         seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
         # Gradients are read in backward, per micro-batch: before DDP all-reduces them (the readings
         # are summed across ranks instead) and before AMP unscales them (the scale is divided out).
-        # DDP's all-reduce and the AMP scaler's step need them kept until the step.
         across = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
-        free = trainer.world_size == 1 and loss_scaler(trainer) is None
+        # DDP all-reduces whole buckets, so it needs every gradient; FSDP2 reduce-scatters only the
+        # parameters that have one, and the readings are summed across ranks by `across` anyway
+        free = (trainer.world_size == 1 or isinstance(trainer.strategy, ModelParallelStrategy)) and loss_scaler(trainer) is None
         self.schedule = GrassSchedule(self._layout, trainer.optimizers, self.config, seed, free_in_backward=free,
                                       across=across,
                                       offload=_offload_mode(trainer))
