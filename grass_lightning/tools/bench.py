@@ -306,7 +306,8 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """The bench's arguments (the planner reads a bench run's recorded command with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="a config in conf/model (a causal LM)")
     parser.add_argument("--methods", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
@@ -327,6 +328,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--out", type=Path, default=Path("bench"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print its JSON
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser()
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in ROWS]
