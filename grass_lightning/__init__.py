@@ -11,10 +11,10 @@ Layers, each importing only the ones below it (enforced by import-linter: pyproj
 - `grass_lightning.app`: the Hydra app behind ``train.py``: setup steps (``app/setup.py``), the
   methods (``app/methods.py``: one `Method` class each, with a ``Settings`` dataclass), the
   module (`FineTuningModule`), tasks (a `Task` protocol), data, models, export and the heat-map;
-- `grass_lightning.tools`: bench, gather and study.
+- `grass_lightning.tools`: bench, plan (will it fit?), gather and study.
 
 Commands (``[project.scripts]``): ``grass-bench``, ``grass-export``, ``grass-gather``,
-``grass-heatmap``, ``grass-study``; each also runs as ``python -m grass_lightning.<layer>.<tool>``.
+``grass-heatmap``, ``grass-plan``, ``grass-study``; each also runs as ``python -m grass_lightning.<layer>.<tool>``.
 """
 
 from grass_lightning.app.module import FineTuningModule, GrassModule
