@@ -2,7 +2,7 @@
 in one forward of a 3-block copy of the model on the meta device (shapes only: no memory, no
 arithmetic, milliseconds), one block of each kind:
 
-- ``trained``: the block's parameters take gradients;
+- ``trained``: the block's parameters take gradients (under LoRA: its adapters);
 - ``frozen``: frozen, but backward passes through it (a block below trains): it keeps what its
   input's gradient needs (norm inputs, attention and MLP activations), as much as a trained one
   less what only its weights' gradients need;
@@ -61,8 +61,9 @@ def saved_bytes(make_model, dtype: torch.dtype, batch: int, seq: int, head_train
     layout = find_blocks(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in layout.blocks[0].parameters():  # block 0 trains, so backward passes through 1 and 2
-        p.requires_grad_(True)
+    adapted = any("lora_" in n for n, _ in model.named_parameters())  # LoRA: only the adapters train
+    for name, p in layout.blocks[0].named_parameters():  # block 0 trains, so backward passes through 1 and 2
+        p.requires_grad_(not adapted or "lora_" in name)
     for p in layout.head:
         p.requires_grad_(head_trained)
     recompute = BlockRecompute(layout.blocks)

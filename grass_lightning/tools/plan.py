@@ -130,7 +130,8 @@ class Planner:
         self._named = list(skeleton.named_parameters())
         self.adapters = sum(p.numel() for n, p in self._named if "lora_" in n)
         self.embeddings = sum(p.numel() for p in layout.embeddings)
-        self.acts = fit_activations(make, compute, self._head_trained())
+        prepared = lambda num_blocks: method.prepare(make(num_blocks), spec.kind)  # noqa: E731  (LoRA's adapters)
+        self.acts = fit_activations(prepared, compute, self._head_trained())
 
     def _head_trained(self) -> bool:
         callback = self.method.block_callback
