@@ -59,11 +59,11 @@ def saved_bytes(make_model, dtype: torch.dtype, batch: int, seq: int, head_train
     """Bytes saved for backward per kind, in one forward of ``batch`` rows of ``seq`` tokens."""
     model = make_model(3).to(dtype)
     layout = find_blocks(model)
+    trains = [p.requires_grad for p in layout.blocks[0].parameters()]  # as the method left them (LoRA: its adapters)
     for p in model.parameters():
         p.requires_grad_(False)
-    adapted = any("lora_" in n for n, _ in model.named_parameters())  # LoRA: only the adapters train
-    for name, p in layout.blocks[0].named_parameters():  # block 0 trains, so backward passes through 1 and 2
-        p.requires_grad_(not adapted or "lora_" in name)
+    for p, t in zip(layout.blocks[0].parameters(), trains):  # block 0 trains, so backward passes through 1 and 2
+        p.requires_grad_(t)
     for p in layout.head:
         p.requires_grad_(head_trained)
     recompute = BlockRecompute(layout.blocks)

@@ -120,17 +120,17 @@ class Planner:
         check_model(method, spec, path, None)  # method.blocks and method.num_active against the model's blocks
         auto, config = _blueprint(spec, path, None)
         make = meta_model(auto, config)
-        skeleton = method.prepare(make(config.num_hidden_layers), spec.kind)
+        prepared = lambda num_blocks: method.prepare(make(num_blocks), spec.kind)  # noqa: E731  (LoRA's adapters)
+        skeleton = prepared(config.num_hidden_layers)
         self.layout = layout = find_blocks(skeleton)
         self.half = weight_dtype(self.precision)
         self.wbytes = 2 if self.half is not None else 4
         compute = self.half or (torch.bfloat16 if self.precision == "bf16-mixed" else torch.float32)
         self.block_params = [sum(p.numel() for p in layout.block_params(i)) for i in range(len(layout))]
-        self.total = sum(p.numel() for p in skeleton.parameters())
-        self._named = list(skeleton.named_parameters())
-        self.adapters = sum(p.numel() for n, p in self._named if "lora_" in n)
+        self._params = list(skeleton.parameters())
+        self.total = sum(p.numel() for p in self._params)
+        self.adapters = sum(p.numel() for n, p in skeleton.named_parameters() if "lora_" in n)
         self.embeddings = sum(p.numel() for p in layout.embeddings)
-        prepared = lambda num_blocks: method.prepare(make(num_blocks), spec.kind)  # noqa: E731  (LoRA's adapters)
         self.acts = fit_activations(prepared, compute, self._head_trained())
 
     def _head_trained(self) -> bool:
@@ -193,7 +193,7 @@ class Planner:
     def _trained_tensors(self):
         callback = self.method.block_callback
         if callback is None:
-            return [p for n, p in self._named if self.method.name != "lora" or "lora_" in n]
+            return [p for p in self._params if p.requires_grad]  # as the method left them (LoRA: its adapters)
         c = callback.config
         blocks = [p for i in range(len(self.layout)) for p in self.layout.block_params(i)]
         return [*blocks, *self.layout.always_trained(c.train_embeddings, c.train_head)]
